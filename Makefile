@@ -1,0 +1,24 @@
+# Two commands do all set-up on a fresh machine:  `make demo` (main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel on CPU machines; on a GPU box pass e.g. TORCH="torch==2.13.0" from a CUDA index.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/moe-sweep demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/moe_layer.py

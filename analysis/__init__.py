@@ -1,0 +1,1 @@
+"""analysis: reads result tables (Parquet) and reports the study's findings. Imports no torch."""

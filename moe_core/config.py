@@ -1,0 +1,267 @@
+"""Typed, validated configuration of the model and its MoE layers.
+
+Every config is a frozen pydantic model: unknown keys are refused, types are checked, and
+cross-field rules are checked when the config is built. Any problem raises a one-line
+`ConfigError` naming the key and what is allowed. `to_dict`/`from_dict` round-trip through plain
+dicts (and so YAML), which is how the orchestrator plans and records trials.
+
+Granularity follows the design study (Li et al. 2026): g = expert width / dense FFN width, so
+g <= 1 means finer experts (Krajewski et al. 2024 use the inverse). Granularities may be written
+as fractions ("1/8") in YAML.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from moe_core.errors import ConfigError
+
+
+def _parse_fraction(value: Any) -> Any:
+    """Accept "1/8" as well as 0.125: sweep authors think of granularity as a fraction."""
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"granularity {value!r} is not a number or a fraction like '1/8'") from None
+    return value
+
+
+Granularity = Annotated[float, BeforeValidator(_parse_fraction), Field(gt=0, le=1)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class StrictConfig(BaseModel):
+    """Base of every config: frozen, no unknown keys, errors as one-line `ConfigError`s."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError.from_validation(err, type(self).__name__) from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StrictConfig":
+        """Build from a plain dict (e.g. parsed YAML); raises `ConfigError` on any problem."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError.from_validation(err, cls.__name__) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-safe dict that `from_dict` turns back into an equal config."""
+        return self.model_dump(mode="json")
+
+    def replace(self, **changes: Any) -> "StrictConfig":
+        """A validated copy with some top-level fields changed."""
+        return type(self).from_dict({**self.to_dict(), **_to_plain(changes)})
+
+
+def _to_plain(changes: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.to_dict() if isinstance(v, StrictConfig) else v for k, v in changes.items()}
+
+
+def integral(value: float, what: str) -> int:
+    """`value` as an int, or a ValueError saying it is not whole (no silent rounding)."""
+    rounded = round(value)
+    if not math.isclose(value, rounded, rel_tol=0, abs_tol=1e-9 * max(1.0, abs(value))):
+        raise ValueError(f"{what} = {value:g} is not a whole number")
+    return int(rounded)
+
+
+class ExpertSetConfig(StrictConfig):
+    """One set of equally sized routed experts; a layer may hold several (heterogeneous MoE)."""
+
+    num_experts: PositiveInt
+    top_k: PositiveInt
+    granularity: Granularity = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExpertSetConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        return self
+
+    @classmethod
+    def from_sparsity(cls, sparsity: float, granularity: float, active_fraction: float = 1.0) -> "ExpertSetConfig":
+        """The study's parametrisation: k = active_fraction / g and n = S * k (so S = n / k).
+
+        `active_fraction` is the share of the dense FFN width these experts must supply: 1 for a
+        plain MoE, less when shared experts or other sets take part of the FLOP budget.
+        """
+        g = _parse_fraction(granularity)
+        try:
+            k = integral(active_fraction / g, f"top_k = {active_fraction:g} / granularity {g:g}")
+            n = integral(sparsity * k, f"num_experts = sparsity {sparsity:g} * top_k {k}")
+        except ValueError as err:
+            raise ConfigError(f"ExpertSetConfig.from_sparsity: {err}") from None
+        return cls(num_experts=n, top_k=k, granularity=g)
+
+
+class RouterConfig(StrictConfig):
+    """How a layer scores experts. Router math always runs in float32."""
+
+    scoring: Literal["softmax", "sigmoid", "norm"] = "softmax"
+    renormalize: bool = False  # divide the chosen gates by their sum (Mixtral style)
+    block_size: PositiveInt = 1  # PathMoE: MoE layer i uses router i // block_size
+    norm_eps: Annotated[float, Field(gt=0)] = 1e-6
+
+    @model_validator(mode="after")
+    def _check(self) -> "RouterConfig":
+        if self.scoring == "norm" and self.renormalize:
+            raise ValueError("renormalize must be false for scoring 'norm' (NormRouter's gate is the score itself)")
+        return self
+
+
+class BalanceConfig(StrictConfig):
+    """Load-balancing terms; every weight may be 0. Defaults follow the OLMoE recipe."""
+
+    aux_weight: NonNegFloat = 0.01  # Switch loss alpha
+    aux_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    pool_weight: NonNegFloat = 0.0  # UniPool pool-level loss alpha_pool
+    z_weight: NonNegFloat = 0.001  # ST-MoE router z-loss
+    bias_rate: NonNegFloat = 0.0  # loss-free balancing update rate u (DeepSeek-V3)
+
+
+class MoEConfig(StrictConfig):
+    """Which layers are MoE, their experts, routing and balancing."""
+
+    layout: Literal["dense", "layerwise", "unipool"] = "dense"
+    experts: tuple[ExpertSetConfig, ...] = ()
+    shared_experts: Annotated[int, Field(ge=0)] = 0
+    shared_granularity: Granularity = 1.0
+    first_dense_layers: Annotated[int, Field(ge=0)] = 0
+    moe_every: PositiveInt = 1
+    pool_group_size: PositiveInt | None = None  # UniPool G: None means one pool for all layers
+    capacity_factor: Annotated[float, Field(gt=0)] | None = None  # None means dropless
+    router: RouterConfig = RouterConfig()
+    balance: BalanceConfig = BalanceConfig()
+    backend: Literal["auto", "reference", "grouped"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.layout == "dense":
+            if self.experts or self.shared_experts:
+                raise ValueError("experts and shared_experts must be empty when layout is 'dense'")
+        elif not self.experts:
+            raise ValueError(f"layout '{self.layout}' needs at least one entry in experts")
+        if self.layout != "unipool":
+            if self.pool_group_size is not None:
+                raise ValueError("pool_group_size is only allowed with layout 'unipool'")
+            if self.balance.pool_weight > 0:
+                raise ValueError("balance.pool_weight > 0 is only allowed with layout 'unipool'")
+        return self
+
+    @property
+    def is_moe(self) -> bool:
+        return self.layout != "dense"
+
+    @property
+    def num_routed_experts(self) -> int:
+        return sum(s.num_experts for s in self.experts)
+
+    @property
+    def top_k(self) -> int:
+        return sum(s.top_k for s in self.experts)
+
+    @property
+    def active_fraction(self) -> float:
+        """Active FFN width as a fraction of the dense d_ff; FLOP matching needs exactly 1."""
+        return sum(s.top_k * s.granularity for s in self.experts) + self.shared_experts * self.shared_granularity
+
+
+def study_moe(
+    sparsity: float,
+    granularity: float,
+    *,
+    shared_experts: int = 0,
+    shared_granularity: float | None = None,
+    **fields: Any,
+) -> MoEConfig:
+    """The study's FLOP-matched MoE: k * g + K_s * g_s = 1 and n = S * k.
+
+    Shared experts (granularity defaults to `granularity`) take their width out of the routed
+    budget, so the routed top-k shrinks. Non-integral k or n raise `ConfigError`.
+    """
+    g_shared = granularity if shared_granularity is None else shared_granularity
+    budget = 1.0 - shared_experts * _parse_fraction(g_shared)
+    if budget <= 0:
+        raise ConfigError(f"study_moe: {shared_experts} shared experts of granularity {g_shared} leave no routed width")
+    routed = ExpertSetConfig.from_sparsity(sparsity, granularity, active_fraction=budget)
+    fields.setdefault("layout", "layerwise")
+    return MoEConfig(experts=(routed,), shared_experts=shared_experts, shared_granularity=g_shared, **fields)
+
+
+class ModelConfig(StrictConfig):
+    """A LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, GQA) whose FFNs may be MoE."""
+
+    vocab_size: Annotated[int, Field(ge=2)]
+    d_model: PositiveInt
+    n_layers: PositiveInt
+    n_heads: PositiveInt
+    n_kv_heads: PositiveInt | None = None  # None means n_heads (plain multi-head attention)
+    d_ff: PositiveInt  # dense SwiGLU width; the unit of granularity
+    seq_len: PositiveInt = 1024
+    rope_base: Annotated[float, Field(gt=1)] = 10000.0
+    tie_embeddings: bool = False
+    init_std: Annotated[float, Field(gt=0)] = 0.02
+    norm_eps: Annotated[float, Field(gt=0)] = 1e-5
+    moe: MoEConfig = MoEConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim d_model / n_heads ({self.head_dim}) must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        for i, s in enumerate(self.moe.experts):
+            integral(s.granularity * self.d_ff, f"moe.experts[{i}] width = granularity {s.granularity:g} * d_ff {self.d_ff}")
+        if self.moe.shared_experts:
+            integral(self.moe.shared_granularity * self.d_ff, f"shared expert width = {self.moe.shared_granularity:g} * d_ff {self.d_ff}")
+        if self.moe.is_moe and not self.moe_layers:
+            raise ValueError(f"moe.first_dense_layers ({self.moe.first_dense_layers}) leaves no MoE layer in {self.n_layers}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of MoE layers: first_dense_layers, then every moe_every-th layer."""
+        if not self.moe.is_moe:
+            return ()
+        return tuple(range(self.moe.first_dense_layers, self.n_layers, self.moe.moe_every))
+
+    def expert_width(self, granularity: float) -> int:
+        return integral(granularity * self.d_ff, "expert width")
+
+    @property
+    def shared_width(self) -> int:
+        """Total width of the always-on experts (K_s experts act as one wider SwiGLU)."""
+        return self.moe.shared_experts * self.expert_width(self.moe.shared_granularity) if self.moe.shared_experts else 0
+
+    @property
+    def num_routers(self) -> int:
+        return math.ceil(len(self.moe_layers) / self.moe.router.block_size) if self.moe.is_moe else 0
+
+    @property
+    def num_pools(self) -> int:
+        """Expert pools: one per MoE layer (layerwise), or one per group of G layers (UniPool)."""
+        n = len(self.moe_layers)
+        if self.moe.layout == "unipool":
+            return math.ceil(n / (self.moe.pool_group_size or n))
+        return n

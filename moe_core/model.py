@@ -1,0 +1,182 @@
+"""The decoder every trial trains: LLaMA-style blocks whose FFNs are dense or MoE.
+
+Shape legend: B batch, S sequence, D model dim, V vocabulary.
+
+MoE layouts (see `MoEConfig`):
+- layerwise: MoE layer i has pool i (vanilla MoE);
+- unipool: MoE layer i draws from pool i // G, G = pool_group_size (all layers by default);
+and, for either, MoE layer i is scored by router i // B (PathMoE; B = 1 is independent routing).
+Pools and routers live in `model.pools` / `model.routers` and are handed to each layer, so a
+shared one has a single storage and sums the gradients of every layer that uses it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_core.config import ModelConfig
+from moe_core.errors import ConfigError
+from moe_core.layers import Attention, Rotary, SwiGLU
+from moe_core.moe.balance import load_fraction, switch_loss
+from moe_core.moe.layer import ExpertPool, LayerRouting, MoEFFN, ProbeSpec
+from moe_core.moe.router import Router
+from moe_core.moe.stats import summarize_routing
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, S, V)
+    loss: torch.Tensor | None = None  # what to backpropagate: ce + every balance term
+    ce: torch.Tensor | None = None  # next-token cross-entropy, nats
+    balance: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted aux / z / pool terms
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, rotary)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x_BSD, router: Router | None = None, pool: ExpertPool | None = None):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        h_BSD = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoEFFN):
+            y_BSD, routing = self.ffn(h_BSD, router, pool)
+            return x_BSD + y_BSD, routing
+        return x_BSD + self.ffn(h_BSD), None
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        moe = cfg.moe
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+        moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        group = (moe.pool_group_size or len(moe_index)) if moe.layout == "unipool" else 1
+        blocks = []
+        for layer in range(cfg.n_layers):
+            if layer in moe_index:
+                i = moe_index[layer]
+                ffn = MoEFFN(cfg, layer, pool=i // group, router=i // moe.router.block_size)
+            else:
+                ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+            blocks.append(Block(cfg, rotary, ffn))
+        self.blocks = nn.ModuleList(blocks)
+        self.pools = nn.ModuleList(ExpertPool(cfg) for _ in range(cfg.num_pools))
+        self.routers = nn.ModuleList(
+            Router(cfg.d_model, moe.num_routed_experts, moe.top_k, moe.router) for _ in range(cfg.num_routers)
+        )
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.last_routing: list[LayerRouting] = []  # detached records of the latest forward
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Matrices ~ N(0, init_std); norm gains and NormRouter's sigma start at 1."""
+        for p in self.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, self.cfg.init_std)
+            else:
+                p.fill_(1.0)
+
+    @property
+    def moe_layers(self) -> list[MoEFFN]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFFN)]
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+        x_BSD = self.embed(idx_BS)
+        records = []
+        for block in self.blocks:
+            if isinstance(block.ffn, MoEFFN):
+                x_BSD, routing = block(x_BSD, self.routers[block.ffn.router], self.pools[block.ffn.pool])
+                records.append(routing)
+            else:
+                x_BSD, _ = block(x_BSD)
+        x_BSD = self.norm(x_BSD)
+        logits = F.linear(x_BSD, self.embed.weight) if self.head is None else self.head(x_BSD)
+        self.last_routing = [r.detached() for r in records]
+        out = ModelOutput(logits=logits, balance=self._balance_terms(records))
+        if targets_BS is not None:
+            out.ce = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+            out.loss = out.ce + sum(out.balance.values(), torch.zeros((), device=logits.device))
+        return out
+
+    def _balance_terms(self, records: list[LayerRouting]) -> dict[str, torch.Tensor]:
+        """Weighted balance losses, each averaged over layers so weights mean the same at any depth."""
+        if not records:
+            return {}
+        bal = self.cfg.moe.balance
+        terms = {}
+        if bal.aux_weight > 0:
+            terms["aux"] = bal.aux_weight * torch.stack([r.aux for r in records]).mean()
+        if bal.z_weight > 0:
+            terms["z"] = bal.z_weight * torch.stack([r.z for r in records]).mean()
+        if bal.pool_weight > 0:
+            terms["pool"] = bal.pool_weight * self._pool_loss(records)
+        return terms
+
+    def _pool_loss(self, records: list[LayerRouting]) -> torch.Tensor:
+        """UniPool: alpha * M * sum_i fbar_i * Pbar_i per pool, fbar from the previous micro-batch.
+
+        fbar (layer-averaged loads) is detached and one micro-batch old, so the loss trains only the
+        routers; the first micro-batch has no previous loads and contributes zero.
+        """
+        sets = self.moe_layers[0].sets
+        by_pool: dict[int, list[LayerRouting]] = defaultdict(list)
+        for r in records:
+            by_pool[r.pool].append(r)
+        losses = []
+        for pid, recs in by_pool.items():
+            pool = self.pools[pid]
+            mean_p = torch.stack([r.mean_p_N for r in recs]).mean(dim=0)
+            # prev_load_N starts at zero, so the first micro-batch's loss is exactly zero.
+            losses.append(switch_loss(pool.prev_load_N.clone(), mean_p, sets))
+            if self.training:
+                f_now = torch.stack([load_fraction(r.routed_N, r.num_tokens, sets) for r in recs]).mean(dim=0)
+                pool.prev_load_N.copy_(f_now)
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def finish_step(self) -> None:
+        """Call after every optimizer step: updates loss-free biases and resets step loads.
+
+        In data-parallel training, all-reduce each layer's `step_counts_N` and `step_tokens`
+        before calling this, so every worker moves its biases the same way.
+        """
+        for ffn in self.moe_layers:
+            ffn.finish_step()
+
+    def set_routing_probe(self, layers: Iterable[int] | None, candidates: str = "pool", seed: int = 0) -> None:
+        """Route the given layers (model layer indices) to uniform random experts at eval.
+
+        `candidates`: "pool" draws from the whole expert set, "top8" from the layer's 8 most-used
+        experts in training. `None` turns the probe off everywhere.
+        """
+        if candidates not in ("pool", "top8"):
+            raise ConfigError(f"routing probe candidates '{candidates}' is not one of: pool, top8")
+        wanted = set(layers or ())
+        by_layer = {ffn.layer: ffn for ffn in self.moe_layers}
+        unknown = wanted - by_layer.keys()
+        if unknown:
+            raise ConfigError(f"routing probe layers {sorted(unknown)} are not MoE layers; MoE layers are {sorted(by_layer)}")
+        for layer, ffn in by_layer.items():
+            ffn.probe = ProbeSpec(candidates, seed) if layer in wanted else None
+
+    def routing_stats(self, path_tokens: int = 16) -> dict:
+        """Routing statistics of the latest forward, as plain numbers (see `moe.stats`)."""
+        return summarize_routing(self.last_routing, self.cfg, path_tokens=path_tokens)
+
+
+def build_model(cfg: ModelConfig) -> MoETransformer:
+    return MoETransformer(cfg)

@@ -1,0 +1,1 @@
+"""The MoE layer, one concept per module: router, dispatch, experts, balance, stats, layer."""

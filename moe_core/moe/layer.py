@@ -1,0 +1,167 @@
+"""One MoE FFN layer: route, compute the chosen experts, add the shared experts, report.
+
+Shape legend: B batch, S sequence, T = B * S tokens, D model dim, N routed experts, K = sum of
+the sets' top-k.
+
+A layer owns only what is its own: shared (always-on) experts, its loss-free balancing bias and
+its usage counters. The router and the expert pool are passed in by the model, because PathMoE
+shares a router across layers and UniPool shares a pool across layers: each parameter then has
+one name and one storage, and its gradient sums over every layer that used it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from itertools import accumulate
+
+import torch
+from torch import nn
+
+from moe_core.config import ModelConfig
+from moe_core.layers import SwiGLU
+from moe_core.moe.balance import balance_probs, load_fraction, switch_loss, update_loss_free_bias, z_loss
+from moe_core.moe.dispatch import capacity, sort_by_expert
+from moe_core.moe.experts import ExpertBank, experts_grouped, experts_reference
+from moe_core.moe.router import Router, SetSlice, gate_values, random_experts, select_experts
+
+
+class ExpertPool(nn.Module):
+    """The routed experts one layer (layerwise) or a group of layers (UniPool) draws from."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.sets = nn.ModuleList(
+            ExpertBank(s.num_experts, cfg.d_model, cfg.expert_width(s.granularity)) for s in cfg.moe.experts
+        )
+        # UniPool's pool loss uses the previous micro-batch's layer-averaged loads, detached.
+        self.register_buffer("prev_load_N", torch.zeros(cfg.moe.num_routed_experts))
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Routing probe: replace learned top-k by uniform random experts (eval only)."""
+
+    candidates: str  # "pool": any expert of the set; "top8": the layer's 8 most-used experts
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """What one MoE layer's forward reports: losses (with grad) and statistics (detached)."""
+
+    layer: int
+    pool: int
+    num_tokens: int
+    ids_TK: torch.Tensor  # chosen experts, ids over the pool's N experts
+    routed_N: torch.Tensor  # pairs routed to each expert (before dropping)
+    kept_N: torch.Tensor  # pairs each expert computed
+    mean_p_N: torch.Tensor  # mean balance probability per expert (grad)
+    aux: torch.Tensor  # Switch loss, unweighted (grad)
+    z: torch.Tensor  # router z-loss, unweighted (grad)
+    entropy: torch.Tensor  # mean per-token routing entropy, nats
+
+    def detached(self) -> "LayerRouting":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.detach() for k, v in values.items() if isinstance(v, torch.Tensor)})
+
+
+class MoEFFN(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, pool: int, router: int) -> None:
+        super().__init__()
+        moe = cfg.moe
+        self.layer, self.pool, self.router = layer, pool, router  # indices into the model's lists
+        self.balance, self.router_cfg = moe.balance, moe.router
+        self.capacity_factor, self.backend = moe.capacity_factor, moe.backend
+        offsets = [0, *accumulate(s.num_experts for s in moe.experts)]
+        self.sets = tuple(SetSlice(o, s.num_experts, s.top_k) for o, s in zip(offsets, moe.experts))
+        slot_offsets = [0, *accumulate(s.top_k for s in moe.experts)]
+        self.slot_cols = tuple(slice(a, b) for a, b in zip(slot_offsets, slot_offsets[1:]))
+        self.shared = SwiGLU(cfg.d_model, cfg.shared_width) if moe.shared_experts else None
+        n = moe.num_routed_experts
+        self.register_buffer("bias_N", torch.zeros(n))  # loss-free balancing; no gradient, saved
+        self.register_buffer("usage_N", torch.zeros(n, dtype=torch.int64))  # training pairs per expert
+        # Loads of the current optimizer step: global-batch aux loss and the bias update use them.
+        self.register_buffer("step_counts_N", torch.zeros(n, dtype=torch.int64), persistent=False)
+        self.register_buffer("step_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.probe: ProbeSpec | None = None
+
+    def forward(self, x_BSD: torch.Tensor, router: Router, pool: ExpertPool) -> tuple[torch.Tensor, LayerRouting]:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        num_tokens = x_TD.shape[0]
+        logits_TN, scores_TN = router(x_TD)
+        ids_TK, gates_TK = self._route(scores_TN)
+
+        y_TD = torch.zeros_like(x_TD) if self.shared is None else self.shared(x_TD)
+        routed, kept = [], []
+        for s, cols, bank in zip(self.sets, self.slot_cols, pool.sets):
+            local_TK = ids_TK[:, cols] - s.offset
+            cap = None if self.capacity_factor is None else capacity(self.capacity_factor, num_tokens, s.top_k, s.num_experts)
+            dispatch = sort_by_expert(local_TK, s.num_experts, cap)
+            y_TD = y_TD + self._experts(bank, x_TD, local_TK, gates_TK[:, cols], dispatch)
+            routed.append(dispatch.routed_E)
+            kept.append(dispatch.kept_E)
+        routed_N, kept_N = torch.cat(routed), torch.cat(kept)
+        return y_TD.view_as(x_BSD), self._report(num_tokens, logits_TN, scores_TN, ids_TK, routed_N, kept_N)
+
+    def _route(self, scores_TN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        renorm = self.router_cfg.renormalize
+        if self.probe is None:
+            bias = self.bias_N if self.balance.bias_rate > 0 else None
+            return select_experts(scores_TN, self.sets, bias, renorm)
+        if self.training:
+            raise RuntimeError("the routing probe is an evaluation-time switch: call model.eval() first")
+        gen = torch.Generator().manual_seed(self.probe.seed * 100_003 + self.layer)
+        ids_TK = random_experts(scores_TN.shape[0], self.sets, self._probe_candidates(), gen).to(scores_TN.device)
+        return ids_TK, gate_values(scores_TN, ids_TK, renorm)
+
+    def _probe_candidates(self) -> list[torch.Tensor]:
+        cands = []
+        for s in self.sets:
+            if self.probe.candidates == "pool" or s.num_experts <= 8:
+                cands.append(torch.arange(s.offset, s.offset + s.num_experts))
+            else:
+                top = self.usage_N[s.cols].topk(max(8, s.top_k)).indices
+                cands.append(top.cpu() + s.offset)
+        return cands
+
+    def _experts(self, bank: ExpertBank, x_TD, local_TK, gates_TK, dispatch) -> torch.Tensor:
+        if self.backend == "reference":
+            return experts_reference(bank, x_TD, local_TK, gates_TK, dispatch.keep_mask_TK(x_TD.shape[0]))
+        return experts_grouped(bank, x_TD, dispatch, gates_TK)
+
+    def _report(self, num_tokens, logits_TN, scores_TN, ids_TK, routed_N, kept_N) -> LayerRouting:
+        p_TN = balance_probs(scores_TN, self.router_cfg.scoring, self.sets)
+        mean_p_N = p_TN.mean(dim=0)
+        if self.training:
+            self.step_counts_N += routed_N
+            self.step_tokens += num_tokens
+            self.usage_N += routed_N
+        if self.training and self.balance.aux_scope == "global_batch":
+            # f from every micro-batch of this optimizer step so far (detached); see README.
+            f_N = load_fraction(self.step_counts_N, self.step_tokens, self.sets)
+        else:
+            f_N = load_fraction(routed_N, num_tokens, self.sets)
+        zero = logits_TN.new_zeros(())
+        with torch.no_grad():
+            dist = p_TN / p_TN.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            entropy = -(dist * dist.clamp_min(1e-20).log()).sum(dim=-1).mean()
+        return LayerRouting(
+            layer=self.layer,
+            pool=self.pool,
+            num_tokens=num_tokens,
+            ids_TK=ids_TK,
+            routed_N=routed_N,
+            kept_N=kept_N,
+            mean_p_N=mean_p_N,
+            aux=switch_loss(f_N, mean_p_N, self.sets) if self.balance.aux_weight > 0 else zero,
+            z=z_loss(logits_TN) if self.balance.z_weight > 0 else zero,
+            entropy=entropy,
+        )
+
+    @torch.no_grad()
+    def finish_step(self) -> None:
+        """After an optimizer step: move the loss-free bias against this step's loads, reset them."""
+        if self.balance.bias_rate > 0 and self.step_tokens > 0:
+            update_loss_free_bias(self.bias_N, self.step_counts_N, self.sets, self.balance.bias_rate)
+        self.step_counts_N.zero_()
+        self.step_tokens.zero_()

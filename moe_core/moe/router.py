@@ -1,0 +1,112 @@
+"""Routers: score every routed expert of a layer, then pick each expert set's top-k.
+
+Shape legend: T tokens, D model dim, N routed experts (all sets), K chosen experts per token.
+Router math runs in float32 whatever the autocast dtype: the gates and balance statistics are
+small but their rounding steers which expert a token reaches.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_core.config import RouterConfig
+
+
+@dataclass(frozen=True)
+class SetSlice:
+    """Where one expert set sits among the router's N columns, and its top-k."""
+
+    offset: int
+    num_experts: int
+    top_k: int
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.offset, self.offset + self.num_experts)
+
+
+@functools.lru_cache(maxsize=None)
+def norm_router_constant(num_experts: int, top_k: int, samples: int = 8192) -> float:
+    """UniPool's c: makes the top-k NormRouter scores unit-norm in expectation for z ~ N(0, I).
+
+    Estimated once by Monte Carlo with a fixed seed, so it is a deterministic function of (N, k).
+    """
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(samples, num_experts, generator=gen, dtype=torch.float64)
+    s = F.relu(z / z.norm(dim=-1, keepdim=True))
+    top = s.topk(min(top_k, num_experts), dim=-1).values
+    return float(1.0 / top.norm(dim=-1).mean())
+
+
+class Router(nn.Module):
+    """One router weight matrix; PathMoE shares one across a block of consecutive layers.
+
+    Scoring: softmax (probabilities), sigmoid (independent scores) or NormRouter
+    (s = sigma * c * relu(z / (||z|| + eps)), UniPool), whose gate is the score itself.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight_ND = nn.Parameter(torch.empty(num_experts, d_model))
+        if cfg.scoring == "norm":
+            self.sigma = nn.Parameter(torch.ones(()))
+            self.norm_const = norm_router_constant(num_experts, top_k)
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits_TN, scores_TN), both float32."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits = x_TD.float() @ self.weight_ND.float().t()
+            if self.cfg.scoring == "softmax":
+                scores = logits.softmax(dim=-1)
+            elif self.cfg.scoring == "sigmoid":
+                scores = logits.sigmoid()
+            else:
+                unit = logits / (logits.norm(dim=-1, keepdim=True) + self.cfg.norm_eps)
+                scores = self.sigma.float() * self.norm_const * F.relu(unit)
+        return logits, scores
+
+
+def select_experts(
+    scores_TN: torch.Tensor,
+    sets: tuple[SetSlice, ...],
+    bias_N: torch.Tensor | None,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each set on (score + bias); gates are the unbiased scores of the chosen experts.
+
+    The loss-free balancing bias steers only which experts are chosen, never the gate values
+    (DeepSeek-V3). Returns (ids_TK, gates_TK) with ids global over the N columns.
+    """
+    with torch.no_grad():
+        choose = scores_TN if bias_N is None else scores_TN + bias_N
+        ids = [choose[:, s.cols].topk(s.top_k, dim=-1).indices + s.offset for s in sets]
+        ids_TK = torch.cat(ids, dim=-1) if len(ids) > 1 else ids[0]
+    return ids_TK, gate_values(scores_TN, ids_TK, renormalize)
+
+
+def gate_values(scores_TN: torch.Tensor, ids_TK: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    gates = scores_TN.gather(-1, ids_TK)
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return gates
+
+
+def random_experts(
+    num_tokens: int,
+    sets: tuple[SetSlice, ...],
+    candidates: list[torch.Tensor],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Routing probe: each token's k_s experts of each set drawn uniformly, without repeats,
+    from that set's candidate ids (the whole set, or its most-used experts)."""
+    ids = []
+    for s, cand in zip(sets, candidates):
+        draw = torch.rand(num_tokens, cand.numel(), generator=generator).argsort(dim=-1)[:, : s.top_k]
+        ids.append(cand.cpu()[draw])
+    return torch.cat(ids, dim=-1)

@@ -1,0 +1,1 @@
+"""orchestrator: plans FLOP-matched trials and drives moe_core on them (Ray Tune, Optuna)."""

@@ -1,0 +1,28 @@
+"""Tiny configs shared by the tests: small enough that the whole suite runs in seconds on CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from moe_core import ModelConfig, MoEConfig
+
+TINY = dict(vocab_size=48, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=48, seq_len=16)
+
+
+def tiny(moe: dict[str, Any] | None = None, **model: Any) -> ModelConfig:
+    """A 4-layer, d=32 model config; `moe` is a MoEConfig dict."""
+    return ModelConfig(**{**TINY, **model}, moe=MoEConfig(**(moe or {})))
+
+
+def experts(n: int, k: int, g: float | str = 1.0) -> dict[str, Any]:
+    return {"num_experts": n, "top_k": k, "granularity": g}
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
