@@ -1,9 +1,9 @@
 """A learnable synthetic sequence task, for smoke tests and the demo (no corpus needed).
 
-Each sequence starts with two random tokens; every later token is
-x[t] = (x[t-1] + step * x[t-2]) mod V. Predicting it needs the two previous positions, so a
-model must use attention as well as its FFNs; only the first two tokens are unpredictable, which
-puts the loss floor at about 2 * ln(V) / seq_len.
+Each sequence starts with two random tokens; every later token is x[t] = (a * x[t-2] + 1) mod V.
+Predicting it needs the token two positions back, so a model must use attention as well as its
+FFNs to learn the map. Only the second input token is unpredictable as a target, which puts the
+loss floor at ln(V) / seq_len.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import torch
 from moe_core.model import MoETransformer
 
 
-def sequence_batch(vocab_size: int, batch: int, seq_len: int, gen: torch.Generator, step: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_batch(vocab_size: int, batch: int, seq_len: int, gen: torch.Generator, a: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), each (batch, seq_len), targets shifted by one position."""
     x = torch.empty(batch, seq_len + 1, dtype=torch.long)
     x[:, :2] = torch.randint(0, vocab_size, (batch, 2), generator=gen)
     for t in range(2, seq_len + 1):
-        x[:, t] = (x[:, t - 1] + step * x[:, t - 2]) % vocab_size
+        x[:, t] = (a * x[:, t - 2] + 1) % vocab_size
     return x[:, :-1], x[:, 1:]
 
 

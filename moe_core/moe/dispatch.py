@@ -34,6 +34,13 @@ class Dispatch:
     num_pairs: int  # K * T, kept or not
 
     @property
+    def inverse_P(self) -> torch.Tensor:
+        """Row of each pair in the sorted order (dropless only: then pair_P is a permutation)."""
+        inv = torch.empty_like(self.pair_P)
+        inv[self.pair_P] = torch.arange(self.pair_P.numel(), device=self.pair_P.device)
+        return inv
+
+    @property
     def num_dropped(self) -> torch.Tensor:
         return self.num_pairs - self.kept_E.sum()
 
@@ -67,7 +74,10 @@ def sort_by_expert(ids_TK: torch.Tensor, num_experts: int, cap: int | None = Non
 
 
 def combine(y_PD: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Tensor:
-    """Sum each token's expert outputs without atomics: scatter to unique slots, then reduce."""
-    out = y_PD.new_zeros(dispatch.num_pairs, y_PD.shape[-1])
-    out = out.index_copy(0, dispatch.pair_P, y_PD)
-    return out.view(-1, num_tokens, y_PD.shape[-1]).sum(dim=0)
+    """Sum each token's expert outputs without atomics: put rows back in slot-major pair order
+    (a gather when nothing dropped, a scatter into zeros otherwise), then reduce over slots."""
+    if dispatch.pair_P.numel() == dispatch.num_pairs:
+        y_pairs = y_PD.index_select(0, dispatch.inverse_P)
+    else:
+        y_pairs = y_PD.new_zeros(dispatch.num_pairs, y_PD.shape[-1]).index_copy(0, dispatch.pair_P, y_PD)
+    return y_pairs.view(-1, num_tokens, y_PD.shape[-1]).sum(dim=0)

@@ -143,8 +143,7 @@ class MoEFFN(nn.Module):
             f_N = load_fraction(routed_N, num_tokens, self.sets)
         zero = logits_TN.new_zeros(())
         with torch.no_grad():
-            dist = p_TN / p_TN.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-            entropy = -(dist * dist.clamp_min(1e-20).log()).sum(dim=-1).mean()
+            entropy = routing_entropy(logits_TN, p_TN, softmax=self.router_cfg.scoring == "softmax" and len(self.sets) == 1)
         return LayerRouting(
             layer=self.layer,
             pool=self.pool,
@@ -165,3 +164,15 @@ class MoEFFN(nn.Module):
             update_loss_free_bias(self.bias_N, self.step_counts_N, self.sets, self.balance.bias_rate)
         self.step_counts_N.zero_()
         self.step_tokens.zero_()
+
+
+def routing_entropy(logits_TN: torch.Tensor, p_TN: torch.Tensor, softmax: bool) -> torch.Tensor:
+    """Mean per-token entropy (nats) of the routing distribution p normalised over experts.
+
+    For a softmax, H = logsumexp(z) - sum_i p_i z_i, which needs no log of p: this runs every
+    forward, over T x N entries.
+    """
+    if softmax:
+        return (torch.logsumexp(logits_TN, dim=-1) - (p_TN * logits_TN).sum(dim=-1)).mean()
+    dist = p_TN / p_TN.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return -(dist * dist.clamp_min(1e-20).log()).sum(dim=-1).mean()

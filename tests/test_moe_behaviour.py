@@ -1,0 +1,242 @@
+"""Invariants of the MoE layer: dense equivalence, sharing, balancing, dropping, probe, stats."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from moe_core import build_model
+from moe_core.moe.balance import load_fraction, switch_loss
+from moe_core.moe.dispatch import capacity, sort_by_expert
+from moe_core.moe.router import norm_router_constant
+from moe_core.moe.stats import _jaccard, _unique_per_row
+from tests.conftest import experts, tiny
+
+
+def _batch(b=2, s=16):
+    return torch.randint(0, 48, (b, s)), torch.randint(0, 48, (b, s))
+
+
+def test_one_expert_top1_full_width_equals_dense_ffn_with_same_weights():
+    dense = build_model(tiny())
+    moe = build_model(tiny({"layout": "layerwise", "experts": [experts(1, 1)],
+                            "balance": {"aux_weight": 0, "z_weight": 0}}))
+    state = {k: v for k, v in dense.state_dict().items() if ".ffn." not in k}
+    moe.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for block, pool in zip(dense.blocks, moe.pools):
+            pool.sets[0].w13_EDF2[0].copy_(block.ffn.w13.weight.t())
+            pool.sets[0].w2_EFD[0].copy_(block.ffn.w2.weight.t())
+    idx, _ = _batch()
+    torch.testing.assert_close(moe(idx).logits, dense(idx).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_unipool_layers_share_one_storage_and_sum_their_gradients():
+    moe = {"layout": "unipool", "experts": [experts(8, 2, "1/2")]}
+    shared = build_model(tiny(moe))
+    per_layer = build_model(tiny({**moe, "pool_group_size": 1}))  # one pool per layer
+    assert len(shared.pools) == 1 and len(per_layer.pools) == 4
+    assert {b.ffn.pool for b in shared.blocks} == {0}
+    state = {k: v for k, v in shared.state_dict().items() if not k.startswith("pools.")}
+    per_layer.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for pool in per_layer.pools:
+            for src, dst in zip(shared.pools[0].parameters(), pool.parameters()):
+                dst.copy_(src)
+    idx, targets = _batch()
+    shared(idx, targets).loss.backward()
+    per_layer(idx, targets).loss.backward()
+    for i, w in enumerate(shared.pools[0].parameters()):
+        summed = sum(list(pool.parameters())[i].grad for pool in per_layer.pools)
+        torch.testing.assert_close(w.grad, summed, rtol=1e-5, atol=1e-7)
+    # A saved shared pool stays one tensor: no per-layer copies in the checkpoint.
+    assert sum(k.startswith("pools.") and k.endswith("w13_EDF2") for k in shared.state_dict()) == 1
+
+
+def test_pathmoe_layers_of_a_block_use_one_router():
+    moe = {"layout": "layerwise", "experts": [experts(4, 1)]}
+    for block_size, n_routers in [(1, 4), (2, 2), (3, 2), (4, 1)]:
+        model = build_model(tiny({**moe, "router": {"block_size": block_size}}))
+        assert len(model.routers) == n_routers
+        assert [b.ffn.router for b in model.blocks] == [i // block_size for i in range(4)]
+
+
+def test_loss_free_bias_moves_against_load_and_leaves_gates_unchanged():
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(4, 1)], "balance": {"bias_rate": 0.1}}))
+    idx, targets = _batch()
+    model(idx, targets)
+    ffn = model.blocks[0].ffn
+    load = ffn.step_counts_N.clone().float()
+    model.finish_step()
+    expected = 0.1 * torch.sign(load.mean() - load)
+    torch.testing.assert_close(ffn.bias_N, expected)
+    assert ffn.step_counts_N.sum() == 0
+
+    # A big bias forces the choice of expert 2, but its gate is still the plain router score.
+    with torch.no_grad():
+        ffn.bias_N.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
+    h = torch.randn(5, 32)
+    _, scores = model.routers[0](h)
+    ids, gates = ffn._route(scores)
+    assert ids.flatten().tolist() == [2] * 5
+    torch.testing.assert_close(gates[:, 0], scores[:, 2])
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    fresh = build_model(model.cfg)
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    torch.testing.assert_close(fresh.blocks[0].ffn.bias_N, ffn.bias_N)
+
+
+def test_bias_receives_no_gradient():
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(4, 2)], "balance": {"bias_rate": 0.1}}))
+    assert "blocks.0.ffn.bias_N" not in dict(model.named_parameters())
+
+
+def test_capacity_drops_exactly_the_hand_computed_pairs():
+    # 6 tokens, top-2 of 2 experts; C = ceil(0.5 * 6 * 2 / 2) = 3 pairs per expert.
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0], [0, 1], [1, 0]])
+    cap = capacity(0.5, num_tokens=6, top_k=2, num_experts=2)
+    assert cap == 3
+    d = sort_by_expert(ids, 2, cap)
+    # Expert 0 serves first choices first, in token order: tokens 0, 1, 2 (slot 0); token 4's
+    # first choice and tokens 3, 5's second choices overflow. Expert 1: tokens 3, 5 (slot 0),
+    # then token 0's second choice; tokens 1, 2, 4's second choices overflow.
+    expected = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 0], [0, 0], [1, 0]], dtype=torch.bool)
+    assert torch.equal(d.keep_mask_TK(6), expected)
+    assert d.kept_E.tolist() == [3, 3] and d.routed_E.tolist() == [6, 6]
+    assert int(d.num_dropped) == 6
+
+
+def test_capacity_large_enough_equals_dropless():
+    moe = {"layout": "layerwise", "experts": [experts(8, 2, "1/2")]}
+    dropless = build_model(tiny(moe))
+    roomy = build_model(tiny({**moe, "capacity_factor": 8.0}))
+    roomy.load_state_dict(dropless.state_dict())
+    idx, _ = _batch()
+    torch.testing.assert_close(roomy(idx).logits, dropless(idx).logits)
+    assert roomy.routing_stats()["summary"]["dropped_fraction"] == 0.0
+
+
+def test_dropped_fraction_is_reported():
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(8, 2, "1/2")], "capacity_factor": 0.25}))
+    model(_batch()[0])
+    stats = model.routing_stats()
+    for layer in stats["layers"]:
+        kept = sum(min(c, capacity(0.25, 32, 2, 8)) for c in layer["tokens_per_expert"])
+        assert layer["dropped_fraction"] == pytest.approx(1 - kept / 64)
+    assert stats["summary"]["dropped_fraction"] > 0
+
+
+def test_pool_loss_is_zero_first_then_uses_previous_micro_batch_loads():
+    model = build_model(tiny({"layout": "unipool", "experts": [experts(8, 2, "1/2")],
+                              "balance": {"aux_weight": 0, "z_weight": 0, "pool_weight": 1.0}}))
+    sets = model.moe_layers[0].sets
+    first = model(*_batch())
+    assert float(first.balance["pool"].detach()) == 0.0
+    f_prev = torch.stack([load_fraction(r.routed_N, r.num_tokens, sets) for r in model.last_routing]).mean(0)
+    second = model(*_batch())
+    p_now = torch.stack([r.mean_p_N for r in model.last_routing]).mean(0)
+    expected = switch_loss(f_prev, p_now, sets)
+    torch.testing.assert_close(second.balance["pool"], expected)
+    assert float(expected) > 0
+
+
+def test_pool_loss_reaches_the_routers_through_scores_only():
+    model = build_model(tiny({"layout": "unipool", "experts": [experts(8, 2, "1/2")],
+                              "balance": {"aux_weight": 0, "z_weight": 0, "pool_weight": 1.0}}))
+    model(*_batch())
+    out = model(*_batch())
+    out.balance["pool"].backward()
+    assert model.routers[0].weight_ND.grad.abs().sum() > 0
+    assert not model.pools[0].prev_load_N.requires_grad  # f-bar is a detached buffer
+
+
+def test_global_batch_aux_uses_the_steps_accumulated_loads():
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(8, 2, "1/2")],
+                              "balance": {"aux_scope": "global_batch", "z_weight": 0}}))
+    model(*_batch())
+    model(*_batch())
+    ffn = model.blocks[0].ffn
+    rec = model.last_routing[0]
+    f = load_fraction(ffn.step_counts_N, ffn.step_tokens, ffn.sets)
+    torch.testing.assert_close(rec.aux, switch_loss(f, rec.mean_p_N, ffn.sets))
+    assert int(ffn.step_tokens) == 64
+
+
+def test_eval_forward_does_not_accumulate_loads_or_update_pool_state():
+    model = build_model(tiny({"layout": "unipool", "experts": [experts(8, 2, "1/2")], "balance": {"pool_weight": 0.1}}))
+    model.eval()
+    with torch.no_grad():
+        model(*_batch())
+    assert all(int(f.usage_N.sum()) == 0 and int(f.step_tokens) == 0 for f in model.moe_layers)
+    assert float(model.pools[0].prev_load_N.sum()) == 0.0
+
+
+def test_balanced_routing_gives_switch_loss_of_one():
+    from moe_core.moe.router import SetSlice
+
+    sets = (SetSlice(0, 4, 1), SetSlice(4, 2, 1))
+    f = torch.tensor([0.25] * 4 + [0.5] * 2)
+    assert float(switch_loss(f, f, sets)) == pytest.approx(1.0)
+
+
+def test_norm_router_constant_gives_unit_norm_top_k_scores():
+    c = norm_router_constant(64, 4)
+    z = torch.randn(20000, 64, generator=torch.Generator().manual_seed(123))
+    s = c * torch.relu(z / z.norm(dim=-1, keepdim=True))
+    assert float(s.topk(4, dim=-1).values.norm(dim=-1).mean()) == pytest.approx(1.0, abs=0.01)
+
+
+def test_routing_probe_uses_random_experts_from_the_chosen_candidates():
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(16, 2, "1/2")]}))
+    model(*_batch(4))  # training forward: records usage for the top-8 candidates
+    model.eval()
+    idx, _ = _batch(4)
+    with torch.no_grad():
+        learned = model(idx).logits
+        learned_ids = [r.ids_TK for r in model.last_routing]
+        model.set_routing_probe([2], candidates="top8", seed=1)
+        probed = model(idx).logits
+    ids = model.last_routing[2].ids_TK
+    top8 = set(model.blocks[2].ffn.usage_N.topk(8).indices.tolist())
+    assert set(ids.flatten().tolist()) <= top8
+    assert not torch.equal(ids, learned_ids[2])
+    # Earlier layers are untouched by a probe on a later one.
+    assert torch.equal(model.last_routing[1].ids_TK, learned_ids[1])
+    assert not torch.allclose(probed, learned)
+    model.set_routing_probe(None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, learned)
+    model.train()
+    model.set_routing_probe([2])
+    with pytest.raises(RuntimeError, match="evaluation-time"):
+        model(idx)
+
+
+def test_routing_probe_rejects_dense_layers():
+    from moe_core import ConfigError
+
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(4, 1)], "moe_every": 2}))
+    with pytest.raises(ConfigError, match=r"\[1\] are not MoE layers"):
+        model.set_routing_probe([1])
+
+
+def test_path_statistics():
+    a = torch.tensor([[0, 1], [2, 3]])
+    b = torch.tensor([[1, 0], [2, 5]])
+    assert _jaccard(a, b) == pytest.approx((1.0 + 1 / 3) / 2)
+    assert _unique_per_row(torch.tensor([[3, 1, 3, 1], [0, 1, 2, 3]])).tolist() == [2, 4]
+    model = build_model(tiny({"layout": "unipool", "experts": [experts(8, 2, "1/2")], "router": {"block_size": 4}}))
+    model(*_batch())
+    stats = model.routing_stats(path_tokens=5)
+    assert len(stats["paths"]["top1"]) == 5 and len(stats["paths"]["top1"][0]) == 4
+    assert len(stats["paths"]["jaccard"]) == 3
+    pool = stats["pools"][0]
+    assert pool["layers"] == [0, 1, 2, 3]
+    assert 2 <= pool["unique_experts_per_token"] <= 8
+    for layer in stats["layers"]:
+        assert sum(layer["tokens_per_expert"]) == 64
+        assert layer["max_load"] >= 1.0
+        assert 0 < layer["entropy"] <= math.log(8) + 1e-6
