@@ -45,7 +45,7 @@ class StrictConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            raise ConfigError.from_validation(err, type(self).__name__) from None
+            raise ConfigError.from_validation(err, type(self).__name__, type(self)) from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "StrictConfig":
@@ -53,7 +53,7 @@ class StrictConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ConfigError.from_validation(err, cls.__name__) from None
+            raise ConfigError.from_validation(err, cls.__name__, cls) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/YAML-safe dict that `from_dict` turns back into an equal config."""

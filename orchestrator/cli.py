@@ -1,0 +1,57 @@
+"""The `moe-sweep` command. User mistakes print one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from moe_core.accounting import count_params
+from moe_core.errors import ConfigError
+from moe_core.yaml_io import load_model_config
+
+
+def _describe(args: argparse.Namespace) -> None:
+    cfg = load_model_config(args.config)
+    counts = count_params(cfg)
+    table = Table(title=f"{args.config}: {cfg.moe.layout}, {cfg.n_layers} layers, d={cfg.d_model}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for key, value in counts.to_dict().items():
+        table.add_row(key, f"{value:,}")
+    Console().print(table)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from orchestrator.demo import run_demo  # imports torch training code only when asked
+
+    run_demo(steps=args.steps, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-sweep", description="FLOP-matched MoE sweeps.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("describe", help="parameter and FLOP accounting of a trial config's model")
+    p.add_argument("config", help="YAML file with a `model:` section")
+    p.set_defaults(func=_describe)
+    p = sub.add_parser("demo", help="train dense, vanilla MoE, UniPool and PathMoE on a synthetic task")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as err:
+        print(f"moe-sweep: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
