@@ -56,11 +56,17 @@ def test_grouped_path_equals_reference_outputs_and_gradients(name):
         torch.testing.assert_close(grads_f[n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
-def test_awkward_routings_match_reference():
-    """Empty experts, one expert taking every token, and k > 1 through the experts directly."""
+@pytest.mark.parametrize("path", ["streamed_one_chunk", "streamed_chunk_per_expert", "gathered"])
+def test_awkward_routings_match_reference(path, monkeypatch):
+    """Empty experts, one expert taking every token, k > 1 and uneven counts, straight through
+    the expert computation, for the CPU streamed path (with one and with many chunks) and the
+    gather-then-grouped-GEMM path used off CPU."""
+    from moe_core.moe import streamed
     from moe_core.moe.dispatch import sort_by_expert
     from moe_core.moe.experts import ExpertBank, experts_grouped, experts_reference
 
+    if path == "streamed_chunk_per_expert":
+        monkeypatch.setattr(streamed, "CHUNK_BYTES", 1)
     bank = ExpertBank(5, 12, 7)
     torch.nn.init.normal_(bank.w13_EDF2)
     torch.nn.init.normal_(bank.w2_EFD)
@@ -78,8 +84,43 @@ def test_awkward_routings_match_reference():
             for t in (x, gates, bank.w13_EDF2, bank.w2_EFD):
                 t.grad = None
             y = (experts_reference(bank, x, ids, gates, keep) if fn == "ref"
-                 else experts_grouped(bank, x, sort_by_expert(ids, 5), gates))
+                 else experts_grouped(bank, x, sort_by_expert(ids, 5), gates, streamed=path != "gathered"))
             y.pow(2).sum().backward()
             outs.append([y.detach()] + [t.grad.clone() for t in (x, gates, bank.w13_EDF2, bank.w2_EFD)])
         for a, b in zip(*outs):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_streamed_path_is_bitwise_deterministic(monkeypatch):
+    from moe_core.moe import streamed
+
+    monkeypatch.setattr(streamed, "CHUNK_BYTES", 256)
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(8, 2, "1/2")]}))
+    idx, targets = torch.randint(0, 48, (4, 16)), torch.randint(0, 48, (4, 16))
+    runs = []
+    for _ in range(2):
+        model.zero_grad()
+        out = model(idx, targets)
+        out.loss.backward()
+        runs.append([out.logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_chunks_hold_whole_experts_and_cover_every_row():
+    from moe_core.moe.streamed import plan_chunks
+
+    counts = [3, 0, 5, 1, 0, 0, 4]
+    chunks = plan_chunks(counts, rows_per_chunk=4)
+    assert chunks == [(0, 3, 0, 8), (3, 7, 8, 13)]
+    assert plan_chunks([0, 0], 4) == []
+
+
+def test_grouped_mm_equals_the_per_group_loop():
+    from moe_core.moe import grouped_gemm
+
+    a, b = torch.randn(20, 16), torch.randn(4, 16, 8)
+    counts = [5, 0, 12, 3]
+    fast = grouped_gemm.grouped_matmul(a, b, counts)
+    assert grouped_gemm.grouped_mm_usable(a, b) == hasattr(torch, "_grouped_mm")
+    loop = torch.cat([a[s:s + c] @ b[e] for e, (s, c) in enumerate(zip([0, 5, 5, 17], counts))])
+    torch.testing.assert_close(fast, loop)

@@ -6,8 +6,9 @@ Shape legend: T tokens, D model dim, E experts, F expert width, K slots, P kept 
   oracle every fast path is tested against.
 - `grouped`: pairs sorted by expert once, then one grouped GEMM per projection
   (`torch._grouped_mm` where it is exact and fast for the device and dtype, else one matmul per
-  expert over the sorted splits), gates applied to the second projection's output, and a
-  deterministic combine (no float atomics).
+  expert over the sorted splits), gates applied to the hidden activation, and a deterministic
+  combine (no float atomics). On CPU the same computation streams chunks of experts through the
+  cache with a hand-written backward (`streamed.py`).
 A Triton kernel (separate issue) plugs in as a third backend with the same signature.
 """
 
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_core.moe.dispatch import Dispatch, combine
+from moe_core.moe.grouped_gemm import grouped_matmul
+from moe_core.moe.streamed import experts_streamed
 
 
 class ExpertBank(nn.Module):
@@ -45,36 +48,16 @@ def experts_reference(
     return out
 
 
-def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Where `torch._grouped_mm` is both correct and fast (checked against the per-expert loop).
-
-    Both need rows aligned to 16 bytes. CPU: float32 only (bfloat16 runs but is ~30x slower than
-    the loop). CUDA: bfloat16 on sm90+.
-    """
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
-        return False
-    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
-        return False
-    if x.device.type == "cpu":
-        return x.dtype == torch.float32
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return False
-
-
-def grouped_matmul(x_PD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Rows of x grouped by expert (counts_E rows each, in order) times that expert's matrix."""
-    if _grouped_mm_usable(x_PD, w_EDF):
-        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        return torch._grouped_mm(x_PD, w_EDF, offs=offs)
-    splits = x_PD.split(counts_E.tolist())
-    return torch.cat([xs @ w_EDF[e] for e, xs in enumerate(splits)], dim=0)
-
-
 def experts_grouped(
-    bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor
+    bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor, streamed: bool | None = None
 ) -> torch.Tensor:
-    """The fast path: gather once, two grouped GEMMs, gate, deterministic combine."""
+    """The fast path. On CPU it streams expert chunks through the cache (`streamed.py`);
+    elsewhere it gathers once, runs two grouped GEMMs and combines deterministically."""
+    gates_P = gates_TK.t().reshape(-1).index_select(0, dispatch.pair_P)
+    if streamed is None:
+        streamed = x_TD.device.type == "cpu"
+    if streamed:
+        return experts_streamed(x_TD, gates_P.to(x_TD.dtype), bank.w13_EDF2, bank.w2_EFD, dispatch.token_P, dispatch.kept_E)
     num_tokens = x_TD.shape[0]
     dtype = x_TD.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
@@ -84,6 +67,5 @@ def experts_grouped(
     gate, up = grouped_matmul(x_PD, w13, dispatch.kept_E).chunk(2, dim=-1)
     # Gating the F-wide hidden instead of the D-wide output is the same linear map and touches
     # F/D as much memory: for fine-grained experts F << D.
-    gates_P = gates_TK.t().reshape(-1).index_select(0, dispatch.pair_P)
     h_PF = F.silu(gate) * up * gates_P[:, None].to(dtype)
     return combine(grouped_matmul(h_PF, w2, dispatch.kept_E), dispatch, num_tokens)
