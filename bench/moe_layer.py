@@ -29,7 +29,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _step(fn, x: torch.Tensor, grad: torch.Tensor) -> None:
-    x.grad = None
+    # As in training after `zero_grad(set_to_none=True)`: backward stores fresh gradients.
+    for p in [x, *fn.params]:
+        p.grad = None
     fn(x).backward(grad)
 
 
@@ -57,7 +59,12 @@ def moe_layer(d_model: int, d_ff: int, g: str, n: int, backend: str, device, dty
     )
     model = build_model(cfg).to(device=device, dtype=dtype)
     ffn, router, pool = model.blocks[0].ffn, model.routers[0], model.pools[0]
-    return lambda x: ffn(x, router, pool)[0]
+
+    def layer(x):
+        return ffn(x, router, pool)[0]
+
+    layer.params = list(model.parameters())
+    return layer
 
 
 def main() -> None:
@@ -75,6 +82,7 @@ def main() -> None:
     dense = SwiGLU(args.d_model, args.d_ff).to(device=device, dtype=dtype)
     for p in dense.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    dense.params = list(dense.parameters())
     x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     print(f"T={args.tokens} d={args.d_model} d_ff={args.d_ff} {args.device} {args.dtype} threads={torch.get_num_threads()}")

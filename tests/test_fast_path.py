@@ -68,6 +68,9 @@ def test_awkward_routings_match_reference(path, monkeypatch):
     if path == "streamed_chunk_per_expert":
         monkeypatch.setattr(streamed, "CHUNK_BYTES", 1)
     bank = ExpertBank(5, 12, 7)
+    if path != "gathered":
+        # Garbage in fresh allocations must never reach a gradient: poison torch.empty_like.
+        monkeypatch.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
     torch.nn.init.normal_(bank.w13_EDF2)
     torch.nn.init.normal_(bank.w2_EFD)
     x = torch.randn(9, 12, requires_grad=True)
@@ -109,10 +112,10 @@ def test_streamed_path_is_bitwise_deterministic(monkeypatch):
 def test_chunks_hold_whole_experts_and_cover_every_row():
     from moe_core.moe.streamed import plan_chunks
 
-    counts = [3, 0, 5, 1, 0, 0, 4]
-    chunks = plan_chunks(counts, rows_per_chunk=4)
-    assert chunks == [(0, 3, 0, 8), (3, 7, 8, 13)]
-    assert plan_chunks([0, 0], 4) == []
+    assert plan_chunks([3, 0, 5, 1, 0, 0, 4], rows_per_chunk=4) == [(0, 3, 0, 8), (3, 7, 8, 13)]
+    # Trailing experts without rows still belong to a chunk: their weight gradients are written.
+    assert plan_chunks([4, 1, 0, 0], rows_per_chunk=4) == [(0, 1, 0, 4), (1, 4, 4, 5)]
+    assert plan_chunks([0, 0], 4) == [(0, 2, 0, 0)]
 
 
 def test_grouped_mm_equals_the_per_group_loop():

@@ -9,7 +9,7 @@ which at k = 8 took as long as the GEMMs themselves. Here the pairs, already sor
 cut into chunks of whole experts of about `CHUNK_BYTES` of input rows: each chunk gathers its
 rows, runs both projections, and adds its gated outputs into the result while they are still in
 cache. Nothing of size (P, D) is ever allocated; only the (P, 2F) hidden activation is saved for
-backward (the same as a dense FFN saves), and the gathers are recomputed there.
+backward, chunk by chunk (the same as a dense FFN saves), and the gathers are recomputed there.
 
 The combine is `index_add_`, which on CPU adds rows in index order (no atomics), so results are
 deterministic run to run. The plain reference in `experts.py` is the oracle for this path.
@@ -20,30 +20,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_core.moe.grouped_gemm import grouped_matmul
+from moe_core.moe.grouped_gemm import grouped_matmul, grouped_mm_usable
 
 CHUNK_BYTES = 2 << 20  # gathered input rows per chunk: fits the L2/L3 of common CPUs
 
 
 def plan_chunks(counts: list[int], rows_per_chunk: int) -> list[tuple[int, int, int, int]]:
-    """(first expert, end expert, first row, end row) of chunks of whole experts, each at least
-    `rows_per_chunk` rows (but the last)."""
+    """(first expert, end expert, first row, end row) of consecutive chunks of whole experts,
+    each of at least `rows_per_chunk` rows but the last; together they cover every expert."""
     chunks, e0, r0, acc = [], 0, 0, 0
     for e, c in enumerate(counts):
         acc += c
-        if acc >= rows_per_chunk or e == len(counts) - 1:
-            if acc:
-                chunks.append((e0, e + 1, r0, r0 + acc))
+        if acc >= rows_per_chunk:
+            chunks.append((e0, e + 1, r0, r0 + acc))
             e0, r0, acc = e + 1, r0 + acc, 0
+    if e0 < len(counts):  # the remainder, possibly experts without rows
+        chunks.append((e0, len(counts), r0, r0 + acc))
     return chunks
 
 
 def _wgrad_groups(a: torch.Tensor, b: torch.Tensor, counts: list[int], out_EXY: torch.Tensor) -> None:
-    """out[e] = a[rows of e]^T @ b[rows of e]: the weight gradient of each expert."""
+    """out[e] = a[rows of e]^T @ b[rows of e]: each expert's weight gradient, written in full
+    (zeros for an expert without rows), so `out` may start uninitialised."""
+    if grouped_mm_usable(a, b):
+        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        out_EXY.copy_(torch._grouped_mm(a.t(), b, offs=offs))
+        return
     start = 0
     for e, c in enumerate(counts):
         if c:
             torch.mm(a[start : start + c].t(), b[start : start + c], out=out_EXY[e])
+        else:
+            out_EXY[e].zero_()
         start += c
 
 
@@ -54,45 +62,51 @@ class StreamedExperts(torch.autograd.Function):
     def forward(ctx, x_TD, gates_P, w13_EDF2, w2_EFD, token_P, counts: list[int], chunks):
         width = w2_EFD.shape[1]
         out_TD = torch.zeros_like(x_TD)
-        h_P2F = x_TD.new_empty(token_P.numel(), 2 * width)
+        h_chunks = []  # (R, 2F) hidden pre-activations, kept per chunk (no concatenation copy)
         for e0, e1, r0, r1 in chunks:
+            if r0 == r1:
+                continue
             tok = token_P[r0:r1]
-            x_RD = x_TD.index_select(0, tok)
-            h_R2F = grouped_matmul(x_RD, w13_EDF2[e0:e1], counts[e0:e1], h_P2F[r0:r1])
+            h_R2F = grouped_matmul(x_TD.index_select(0, tok), w13_EDF2[e0:e1], counts[e0:e1])
             a_RF = F.silu(h_R2F[:, :width]).mul_(h_R2F[:, width:]).mul_(gates_P[r0:r1, None])
-            y_RD = grouped_matmul(a_RF, w2_EFD[e0:e1], counts[e0:e1], x_TD.new_empty(r1 - r0, x_TD.shape[1]))
-            out_TD.index_add_(0, tok, y_RD)
-        ctx.save_for_backward(x_TD, gates_P, w13_EDF2, w2_EFD, token_P, h_P2F)
+            out_TD.index_add_(0, tok, grouped_matmul(a_RF, w2_EFD[e0:e1], counts[e0:e1]))
+            h_chunks.append(h_R2F)
+        ctx.save_for_backward(x_TD, gates_P, w13_EDF2, w2_EFD, token_P, *h_chunks)
         ctx.counts, ctx.chunks = counts, chunks
         return out_TD
 
     @staticmethod
     def backward(ctx, dout_TD):
-        x_TD, gates_P, w13_EDF2, w2_EFD, token_P, h_P2F = ctx.saved_tensors
+        x_TD, gates_P, w13_EDF2, w2_EFD, token_P, *h_chunks = ctx.saved_tensors
         width = w2_EFD.shape[1]
         dout_TD = dout_TD.contiguous()
         dx_TD = torch.zeros_like(x_TD)
-        dw13, dw2 = torch.zeros_like(w13_EDF2), torch.zeros_like(w2_EFD)
+        # Uninitialised: every expert's slice is written below. At large expert counts these are
+        # the biggest tensors of the layer, and zero-filling them first cost a full extra pass.
+        dw13, dw2 = torch.empty_like(w13_EDF2), torch.empty_like(w2_EFD)
         dgates_P = torch.empty_like(gates_P)
         w13_t, w2_t = w13_EDF2.transpose(1, 2), w2_EFD.transpose(1, 2)
+        h_iter = iter(h_chunks)
         for e0, e1, r0, r1 in ctx.chunks:
+            if r0 == r1:
+                dw13[e0:e1].zero_()
+                dw2[e0:e1].zero_()
+                continue
             tok, counts = token_P[r0:r1], ctx.counts[e0:e1]
             dy_RD = dout_TD.index_select(0, tok)
-            gate, up = h_P2F[r0:r1, :width], h_P2F[r0:r1, width:]
+            h_R2F = next(h_iter)
+            gate, up = h_R2F[:, :width], h_R2F[:, width:]
             sig = torch.sigmoid(gate)
             silu = gate * sig
             act = silu * up
             g_R1 = gates_P[r0:r1, None]
             _wgrad_groups(act * g_R1, dy_RD, counts, dw2[e0:e1])
-            d_act = grouped_matmul(dy_RD, w2_t[e0:e1], counts, x_TD.new_empty(r1 - r0, width))
+            d_act = grouped_matmul(dy_RD, w2_t[e0:e1], counts)
             dgates_P[r0:r1] = (d_act * act).sum(dim=-1)
             d_act.mul_(g_R1)
-            dh_R2F = x_TD.new_empty(r1 - r0, 2 * width)
-            torch.mul(d_act, silu, out=dh_R2F[:, width:])
-            torch.mul(d_act * up, sig * (1 + gate * (1 - sig)), out=dh_R2F[:, :width])  # silu'
+            dh_R2F = torch.cat((d_act * up * sig * (1 + gate * (1 - sig)), d_act * silu), dim=-1)  # silu'
             _wgrad_groups(x_TD.index_select(0, tok), dh_R2F, counts, dw13[e0:e1])
-            dx_RD = grouped_matmul(dh_R2F, w13_t[e0:e1], counts, x_TD.new_empty(r1 - r0, x_TD.shape[1]))
-            dx_TD.index_add_(0, tok, dx_RD)
+            dx_TD.index_add_(0, tok, grouped_matmul(dh_R2F, w13_t[e0:e1], counts))
         return dx_TD, dgates_P, dw13, dw2, None, None, None
 
 
