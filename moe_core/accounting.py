@@ -58,8 +58,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
     expert = cfg.num_pools * per_pool
     active_expert = n_moe * active_per_layer
-    # Each MoE layer computes its scores with one (possibly shared) router: the matmul is per layer.
-    router_active = n_moe * moe.num_routed_experts * d + cfg.num_routers * (router - moe.num_routed_experts * d)
+    router_active = n_moe * router  # every MoE layer uses a (possibly shared) router once
     body_held = cfg.n_layers * (attn + norms) + n_dense * dense_ffn + n_moe * shared + d  # + final norm
     body_active = body_held + active_expert + router_active
 

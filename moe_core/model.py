@@ -24,7 +24,7 @@ from moe_core.config import ModelConfig
 from moe_core.errors import ConfigError
 from moe_core.layers import Attention, Rotary, SwiGLU
 from moe_core.moe.balance import load_fraction, switch_loss
-from moe_core.moe.layer import ExpertPool, LayerRouting, MoEFFN, ProbeSpec
+from moe_core.moe.layer import ExpertPool, LayerRouting, MoEFFN, ProbeSpec, updates_state
 from moe_core.moe.router import Router
 from moe_core.moe.stats import summarize_routing
 
@@ -74,7 +74,8 @@ class MoETransformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.pools = nn.ModuleList(ExpertPool(cfg) for _ in range(cfg.num_pools))
         self.routers = nn.ModuleList(
-            Router(cfg.d_model, moe.num_routed_experts, moe.top_k, moe.router) for _ in range(cfg.num_routers)
+            Router(cfg.d_model, tuple((s.num_experts, s.top_k) for s in moe.experts), moe.router)
+            for _ in range(cfg.num_routers)
         )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -142,7 +143,7 @@ class MoETransformer(nn.Module):
             mean_p = torch.stack([r.mean_p_N for r in recs]).mean(dim=0)
             # prev_load_N starts at zero, so the first micro-batch's loss is exactly zero.
             losses.append(switch_loss(pool.prev_load_N.clone(), mean_p, sets))
-            if self.training:
+            if updates_state(self):
                 f_now = torch.stack([load_fraction(r.routed_N, r.num_tokens, sets) for r in recs]).mean(dim=0)
                 pool.prev_load_N.copy_(f_now)
         return torch.stack(losses).mean()

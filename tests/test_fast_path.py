@@ -39,8 +39,13 @@ def _run(model, idx, targets):
     return out, {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["streamed", "gathered"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_grouped_path_equals_reference_outputs_and_gradients(name):
+def test_grouped_path_equals_reference_outputs_and_gradients(name, gathered, monkeypatch):
+    """On CPU the fast path streams; the gathered variant is what runs off CPU."""
+    from moe_core.moe import experts as experts_module
+
+    monkeypatch.setattr(experts_module, "STREAM_ON_CPU", not gathered)
     moe = VARIANTS[name]
     ref = build_model(tiny({**moe, "backend": "reference"}))
     fast = build_model(tiny({**moe, "backend": "grouped"}))
@@ -67,27 +72,31 @@ def test_awkward_routings_match_reference(path, monkeypatch):
 
     if path == "streamed_chunk_per_expert":
         monkeypatch.setattr(streamed, "CHUNK_BYTES", 1)
-    bank = ExpertBank(5, 12, 7)
+    # d = 16, F = 8: rows are 16-byte aligned, so torch._grouped_mm takes part where it exists.
+    bank = ExpertBank(5, 16, 8)
     if path != "gathered":
         # Garbage in fresh allocations must never reach a gradient: poison torch.empty_like.
         monkeypatch.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
     torch.nn.init.normal_(bank.w13_EDF2)
     torch.nn.init.normal_(bank.w2_EFD)
-    x = torch.randn(9, 12, requires_grad=True)
-    cases = {
-        "all_to_one": torch.full((9, 1), 3),
-        "two_of_five_empty": torch.tensor([[0, 1], [1, 0], [0, 4], [4, 1], [1, 0], [0, 1], [4, 0], [1, 4], [0, 1]]),
-        "k3": torch.stack([torch.randperm(5)[:3] for _ in range(9)]),
+    x = torch.randn(9, 16, requires_grad=True)
+    two_of_five = torch.tensor([[0, 1], [1, 0], [0, 4], [4, 1], [1, 0], [0, 1], [4, 0], [1, 4], [0, 1]])
+    cases = {  # name: (ids, capacity)
+        "all_to_one": (torch.full((9, 1), 3), None),
+        "two_of_five_empty": (two_of_five, None),
+        "k3": (torch.stack([torch.randperm(5)[:3] for _ in range(9)]), None),
+        "capacity_3": (two_of_five, 3),
     }
-    for name, ids in cases.items():
+    for name, (ids, cap) in cases.items():
         gates = torch.rand(ids.shape, requires_grad=True)
-        keep = torch.ones_like(ids, dtype=torch.bool)
+        dispatch = sort_by_expert(ids, 5, cap)
+        keep = dispatch.keep_mask_TK(9)
         outs = []
         for fn in ("ref", "fast"):
             for t in (x, gates, bank.w13_EDF2, bank.w2_EFD):
                 t.grad = None
             y = (experts_reference(bank, x, ids, gates, keep) if fn == "ref"
-                 else experts_grouped(bank, x, sort_by_expert(ids, 5), gates, streamed=path != "gathered"))
+                 else experts_grouped(bank, x, dispatch, gates, streamed=path != "gathered"))
             y.pow(2).sum().backward()
             outs.append([y.detach()] + [t.grad.clone() for t in (x, gates, bank.w13_EDF2, bank.w2_EFD)])
         for a, b in zip(*outs):

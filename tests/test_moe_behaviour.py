@@ -109,6 +109,32 @@ def test_capacity_drops_exactly_the_hand_computed_pairs():
     assert int(d.num_dropped) == 6
 
 
+def test_capacity_is_exact_for_decimal_factors():
+    assert capacity(1.1, 100, 1, 1) == 110  # float arithmetic gives 110.00000000000001
+    assert capacity(1.1, 100, 2, 4) == 55
+    assert capacity(1.25, 10, 1, 4) == 4
+
+
+def test_cpu_autocast_runs_the_fast_path_in_bfloat16():
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(4, 2, "1/4")]}, d_ff=40))
+    idx, targets = _batch()
+    reference = model(idx, targets).loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(idx, targets)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(reference, rel=0.05)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_the_fast_paths_backward_refuses_double_backward():
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(4, 2, "1/2")]}))
+    loss = model(*_batch()).loss
+    grads = torch.autograd.grad(loss, list(model.pools[0].parameters()), create_graph=True)
+    # A silently wrong second derivative is what once_differentiable prevents: it raises instead.
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grads[0].sum().backward()
+
+
 def test_capacity_large_enough_equals_dropless():
     moe = {"layout": "layerwise", "experts": [experts(8, 2, "1/2")]}
     dropless = build_model(tiny(moe))
@@ -165,11 +191,15 @@ def test_global_batch_aux_uses_the_steps_accumulated_loads():
     assert int(ffn.step_tokens) == 64
 
 
-def test_eval_forward_does_not_accumulate_loads_or_update_pool_state():
+@pytest.mark.parametrize("mode", ["eval", "no_grad_in_train_mode"])
+def test_evaluation_does_not_accumulate_loads_or_update_pool_state(mode):
     model = build_model(tiny({"layout": "unipool", "experts": [experts(8, 2, "1/2")], "balance": {"pool_weight": 0.1}}))
-    model.eval()
-    with torch.no_grad():
+    if mode == "eval":
+        model.eval()
         model(*_batch())
+    else:
+        with torch.no_grad():
+            model(*_batch())
     assert all(int(f.usage_N.sum()) == 0 and int(f.step_tokens) == 0 for f in model.moe_layers)
     assert float(model.pools[0].prev_load_N.sum()) == 0.0
 
@@ -183,10 +213,15 @@ def test_balanced_routing_gives_switch_loss_of_one():
 
 
 def test_norm_router_constant_gives_unit_norm_top_k_scores():
-    c = norm_router_constant(64, 4)
+    c = norm_router_constant(((64, 4),))
     z = torch.randn(20000, 64, generator=torch.Generator().manual_seed(123))
     s = c * torch.relu(z / z.norm(dim=-1, keepdim=True))
     assert float(s.topk(4, dim=-1).values.norm(dim=-1).mean()) == pytest.approx(1.0, abs=0.01)
+    # Two sets, each with its own top-k: the union of their choices has unit norm.
+    c2 = norm_router_constant(((48, 3), (16, 1)))
+    s2 = c2 * torch.relu(z / z.norm(dim=-1, keepdim=True))
+    chosen = torch.cat([s2[:, :48].topk(3).values, s2[:, 48:].topk(1).values], dim=-1)
+    assert float(chosen.norm(dim=-1).mean()) == pytest.approx(1.0, abs=0.01)
 
 
 def test_routing_probe_uses_random_experts_from_the_chosen_candidates():

@@ -13,14 +13,19 @@ residual connection alone.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 import torch
 
 
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """C = ceil(CF * T * k / n): the most pairs one expert may take in a micro-batch."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    """C = ceil(CF * T * k / n): the most pairs one expert may take in a micro-batch.
+
+    Computed in exact rational arithmetic from CF's decimal form: in floats 1.1 * 100 is
+    110.00000000000001, whose ceiling would be one pair too many.
+    """
+    return math.ceil(Fraction(str(capacity_factor)) * num_tokens * top_k / num_experts)
 
 
 @dataclass(frozen=True)

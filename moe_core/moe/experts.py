@@ -48,24 +48,28 @@ def experts_reference(
     return out
 
 
+STREAM_ON_CPU = True  # tests turn this off to run the gathered path on CPU
+
+
 def experts_grouped(
     bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor, streamed: bool | None = None
 ) -> torch.Tensor:
     """The fast path. On CPU it streams expert chunks through the cache (`streamed.py`);
     elsewhere it gathers once, runs two grouped GEMMs and combines deterministically."""
-    gates_P = gates_TK.t().reshape(-1).index_select(0, dispatch.pair_P)
-    if streamed is None:
-        streamed = x_TD.device.type == "cpu"
-    if streamed:
-        return experts_streamed(x_TD, gates_P.to(x_TD.dtype), bank.w13_EDF2, bank.w2_EFD, dispatch.token_P, dispatch.kept_E)
-    num_tokens = x_TD.shape[0]
     dtype = x_TD.dtype
-    if torch.is_autocast_enabled(x_TD.device.type):
+    if torch.is_autocast_enabled(x_TD.device.type):  # we cast by hand: autocast skips these ops
         dtype = torch.get_autocast_dtype(x_TD.device.type)
-    w13, w2 = bank.w13_EDF2.to(dtype), bank.w2_EFD.to(dtype)
-    x_PD = x_TD.to(dtype).index_select(0, dispatch.token_P)
+    x_TD, w13, w2 = x_TD.to(dtype), bank.w13_EDF2.to(dtype), bank.w2_EFD.to(dtype)
+    gates_P = gates_TK.t().reshape(-1).index_select(0, dispatch.pair_P).to(dtype)
+    if streamed is None:
+        streamed = STREAM_ON_CPU and x_TD.device.type == "cpu"
+    if streamed:
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return experts_streamed(x_TD, gates_P, w13, w2, dispatch.token_P, dispatch.kept_E)
+    num_tokens = x_TD.shape[0]
+    x_PD = x_TD.index_select(0, dispatch.token_P)
     gate, up = grouped_matmul(x_PD, w13, dispatch.kept_E).chunk(2, dim=-1)
     # Gating the F-wide hidden instead of the D-wide output is the same linear map and touches
     # F/D as much memory: for fine-grained experts F << D.
-    h_PF = F.silu(gate) * up * gates_P[:, None].to(dtype)
+    h_PF = F.silu(gate) * up * gates_P[:, None]
     return combine(grouped_matmul(h_PF, w2, dispatch.kept_E), dispatch, num_tokens)

@@ -25,6 +25,12 @@ from moe_core.moe.experts import ExpertBank, experts_grouped, experts_reference
 from moe_core.moe.router import Router, SetSlice, gate_values, random_experts, select_experts
 
 
+def updates_state(module: nn.Module) -> bool:
+    """Loads, usage and pool statistics change only in a training forward with autograd on:
+    never in eval mode, and never in a no_grad validation pass that forgot `model.eval()`."""
+    return module.training and torch.is_grad_enabled()
+
+
 class ExpertPool(nn.Module):
     """The routed experts one layer (layerwise) or a group of layers (UniPool) draws from."""
 
@@ -132,11 +138,11 @@ class MoEFFN(nn.Module):
     def _report(self, num_tokens, logits_TN, scores_TN, ids_TK, routed_N, kept_N) -> LayerRouting:
         p_TN = balance_probs(scores_TN, self.router_cfg.scoring, self.sets)
         mean_p_N = p_TN.mean(dim=0)
-        if self.training:
+        if updates_state(self):
             self.step_counts_N += routed_N
             self.step_tokens += num_tokens
             self.usage_N += routed_N
-        if self.training and self.balance.aux_scope == "global_batch":
+        if updates_state(self) and self.balance.aux_scope == "global_batch":
             # f from every micro-batch of this optimizer step so far (detached); see README.
             f_N = load_fraction(self.step_counts_N, self.step_tokens, self.sets)
         else:

@@ -31,16 +31,21 @@ class SetSlice:
 
 
 @functools.lru_cache(maxsize=None)
-def norm_router_constant(num_experts: int, top_k: int, samples: int = 8192) -> float:
-    """UniPool's c: makes the top-k NormRouter scores unit-norm in expectation for z ~ N(0, I).
+def norm_router_constant(sets: tuple[tuple[int, int], ...], samples: int = 8192) -> float:
+    """UniPool's c: makes the chosen NormRouter scores unit-norm in expectation for z ~ N(0, I).
 
-    Estimated once by Monte Carlo with a fixed seed, so it is a deterministic function of (N, k).
+    `sets` lists (num_experts, top_k) of each expert set; each set picks its own top-k of the
+    shared normalised scores. Estimated once by Monte Carlo with a fixed seed; the router keeps
+    the value in a buffer, so a checkpoint carries the c it was trained with.
     """
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(samples, num_experts, generator=gen, dtype=torch.float64)
+    z = torch.randn(samples, sum(n for n, _ in sets), generator=gen, dtype=torch.float64)
     s = F.relu(z / z.norm(dim=-1, keepdim=True))
-    top = s.topk(min(top_k, num_experts), dim=-1).values
-    return float(1.0 / top.norm(dim=-1).mean())
+    chosen, offset = [], 0
+    for n, k in sets:
+        chosen.append(s[:, offset : offset + n].topk(k, dim=-1).values)
+        offset += n
+    return float(1.0 / torch.cat(chosen, dim=-1).norm(dim=-1).mean())
 
 
 class Router(nn.Module):
@@ -50,13 +55,14 @@ class Router(nn.Module):
     (s = sigma * c * relu(z / (||z|| + eps)), UniPool), whose gate is the score itself.
     """
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, cfg: RouterConfig) -> None:
+    def __init__(self, d_model: int, sets: tuple[tuple[int, int], ...], cfg: RouterConfig) -> None:
+        """`sets`: (num_experts, top_k) of each expert set, in column order."""
         super().__init__()
         self.cfg = cfg
-        self.weight_ND = nn.Parameter(torch.empty(num_experts, d_model))
+        self.weight_ND = nn.Parameter(torch.empty(sum(n for n, _ in sets), d_model))
         if cfg.scoring == "norm":
             self.sigma = nn.Parameter(torch.ones(()))
-            self.norm_const = norm_router_constant(num_experts, top_k)
+            self.register_buffer("norm_const", torch.tensor(norm_router_constant(sets)))
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits_TN, scores_TN), both float32."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from moe_core.moe.grouped_gemm import grouped_matmul, grouped_mm_usable
 
@@ -43,8 +44,11 @@ def _wgrad_groups(a: torch.Tensor, b: torch.Tensor, counts: list[int], out_EXY: 
     """out[e] = a[rows of e]^T @ b[rows of e]: each expert's weight gradient, written in full
     (zeros for an expert without rows), so `out` may start uninitialised."""
     if grouped_mm_usable(a, b):
-        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        offs = torch.tensor(counts, device=a.device).cumsum(0, dtype=torch.int32)
         out_EXY.copy_(torch._grouped_mm(a.t(), b, offs=offs))
+        for e, c in enumerate(counts):  # not every backend writes zeros for empty groups
+            if not c:
+                out_EXY[e].zero_()
         return
     start = 0
     for e, c in enumerate(counts):
@@ -76,6 +80,7 @@ class StreamedExperts(torch.autograd.Function):
         return out_TD
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, dout_TD):
         x_TD, gates_P, w13_EDF2, w2_EFD, token_P, *h_chunks = ctx.saved_tensors
         width = w2_EFD.shape[1]
