@@ -13,7 +13,7 @@ shared one has a single storage and sums the gradients of every layer that uses 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -149,14 +149,22 @@ class MoETransformer(nn.Module):
         return torch.stack(losses).mean()
 
     @torch.no_grad()
-    def finish_step(self) -> None:
+    def finish_step(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Call after every optimizer step: updates loss-free biases and resets step loads.
 
-        In data-parallel training, all-reduce each layer's `step_counts_N` and `step_tokens`
-        before calling this, so every worker moves its biases the same way.
+        `reduce` (data parallelism: an in-place all-reduce sum) first makes every worker's step
+        loads the global ones, so all workers move their biases the same way.
         """
         for ffn in self.moe_layers:
+            if reduce is not None:
+                reduce(ffn.step_counts_N)
+                reduce(ffn.step_tokens)
             ffn.finish_step()
+
+    def set_count_reducer(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Data parallelism: sum the global-batch balance loss's load counts over workers."""
+        for ffn in self.moe_layers:
+            ffn.count_reducer = reduce
 
     def set_routing_probe(self, layers: Iterable[int] | None, candidates: str = "pool", seed: int = 0) -> None:
         """Route the given layers (model layer indices) to uniform random experts at eval.

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moe_core.accounting import count_params
 from moe_core.errors import ConfigError
+from moe_core.train.checkpoint import CheckpointError
 from moe_core.yaml_io import load_model_config
 
 
@@ -24,6 +25,23 @@ def _describe(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from moe_core.train.loop import train_trial
+    from moe_core.trial import load_trial_config
+    from orchestrator.progress import TrainProgress
+
+    trial = load_trial_config(args.config)
+    with TrainProgress(trial.total_steps) as progress:
+        summary = train_trial(trial, args.out, callbacks=[progress])
+    Console().print(
+        f"{summary.status}: {summary.steps} steps, {summary.tokens:,} tokens, train loss {summary.train_loss:.4f}, "
+        f"val loss {summary.val_loss_macro:.4f} (ppl {summary.perplexity:.1f}), "
+        f"{summary.tokens_per_second:,.0f} tokens/s -> {args.out}"
+    )
+    if summary.status != "completed":
+        raise SystemExit(1)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from orchestrator.demo import run_demo  # imports torch training code only when asked
 
@@ -36,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("describe", help="parameter and FLOP accounting of a trial config's model")
     p.add_argument("config", help="YAML file with a `model:` section")
     p.set_defaults(func=_describe)
+    p = sub.add_parser("train", help="train one trial config alone (no Ray, no MLflow)")
+    p.add_argument("config", help="trial YAML with model, train, data sections")
+    p.add_argument("--out", required=True, help="output folder; re-running on it resumes")
+    p.set_defaults(func=_train)
     p = sub.add_parser("demo", help="train dense, vanilla MoE, UniPool and PathMoE on a synthetic task")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -47,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"moe-sweep: error: {err}", file=sys.stderr)
         return 2
     return 0

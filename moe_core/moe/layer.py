@@ -11,6 +11,7 @@ one name and one storage, and its gradient sums over every layer that used it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from itertools import accumulate
 
@@ -90,6 +91,7 @@ class MoEFFN(nn.Module):
         self.register_buffer("step_counts_N", torch.zeros(n, dtype=torch.int64), persistent=False)
         self.register_buffer("step_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
         self.probe: ProbeSpec | None = None
+        self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. all-reduce sum
 
     def forward(self, x_BSD: torch.Tensor, router: Router, pool: ExpertPool) -> tuple[torch.Tensor, LayerRouting]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
@@ -143,8 +145,12 @@ class MoEFFN(nn.Module):
             self.step_tokens += num_tokens
             self.usage_N += routed_N
         if updates_state(self) and self.balance.aux_scope == "global_batch":
-            # f from every micro-batch of this optimizer step so far (detached); see README.
-            f_N = load_fraction(self.step_counts_N, self.step_tokens, self.sets)
+            # f from every micro-batch of this optimizer step so far (detached), summed over
+            # data-parallel workers when the trainer set a reducer; see README.
+            counts, tokens = self.step_counts_N, self.step_tokens
+            if self.count_reducer is not None:
+                counts, tokens = self.count_reducer(counts.clone()), self.count_reducer(tokens.clone())
+            f_N = load_fraction(counts, tokens, self.sets)
         else:
             f_N = load_fraction(routed_N, num_tokens, self.sets)
         zero = logits_TN.new_zeros(())

@@ -1,0 +1,45 @@
+"""How one trial trains: budget, batch, optimiser, schedule, evaluation and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from moe_core.config import StrictConfig
+
+PosInt = Annotated[int, Field(ge=1)]
+
+
+class TrainConfig(StrictConfig):
+    # Budget: exactly one of steps / tokens / tokens_per_active_param (the default, 20 as in
+    # compute-optimal training) fixes the number of optimizer steps.
+    steps: PosInt | None = None
+    tokens: PosInt | None = None
+    tokens_per_active_param: Annotated[float, Field(gt=0)] | None = None
+    batch_tokens: PosInt = 16384  # tokens per optimizer step (all workers, all micro-batches)
+    micro_batch_size: PosInt = 8  # sequences per forward pass per worker
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2  # WSD: final share of steps that decays
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0 disables clipping
+    eval_every: PosInt = 100  # steps; also evaluated at the end
+    eval_tokens: PosInt = 32768  # per validation set, at most
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0  # steps; 0 = only at the end
+    log_routing_every: Annotated[int, Field(ge=0)] = 10  # steps between routing statistics; 0 = never
+    routing_probe: bool = False  # at the end, route each deeper-half MoE layer at random in turn
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    peak_flops: Annotated[float, Field(gt=0)] | None = None  # for MFU; None = known GPU table / measured CPU
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        given = [k for k in ("steps", "tokens", "tokens_per_active_param") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of steps, tokens, tokens_per_active_param (got {', '.join(given)})")
+        return self

@@ -1,0 +1,32 @@
+"""A rich progress bar for `moe-sweep train`: steps, loss and throughput."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moe_core.train.callbacks import TrainCallback
+
+
+class TrainProgress(TrainCallback):
+    def __init__(self, total_steps: int) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+        )
+        self._task = self._progress.add_task("train", total=total_steps, loss="-", val="-", tps="-")
+
+    def __enter__(self) -> "TrainProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+    def on_step(self, step: int, row: dict[str, Any], model: Any) -> None:
+        fields = {"loss": f"{row['train_loss']:.3f}", "tps": f"{row.get('tokens_per_second', 0):,.0f}"}
+        if "val_loss" in row:
+            fields["val"] = f"{row['val_loss']:.3f}"
+        self._progress.update(self._task, completed=step, **fields)
