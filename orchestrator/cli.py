@@ -26,11 +26,16 @@ def _describe(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from moe_core.train.distributed import DataParallel, init_from_env
     from moe_core.train.loop import train_trial
     from moe_core.trial import load_trial_config
     from orchestrator.progress import TrainProgress
 
     trial = load_trial_config(args.config)
+    init_from_env()  # under torchrun: data-parallel workers
+    if not DataParallel.current().is_main:
+        train_trial(trial, args.out)
+        return
     with TrainProgress(trial.total_steps) as progress:
         summary = train_trial(trial, args.out, callbacks=[progress])
     Console().print(
@@ -40,6 +45,18 @@ def _train(args: argparse.Namespace) -> None:
     )
     if summary.status != "completed":
         raise SystemExit(1)
+
+
+def _build_corpus(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from moe_core.data.config import DataConfig
+    from moe_core.data.corpora import debian_docs_dir
+    from moe_core.data.debian_docs import build_debian_docs
+
+    out = Path(args.out) if args.out else debian_docs_dir(DataConfig())
+    counts = build_debian_docs(out)
+    Console().print(f"wrote {sum(counts.values()):,} documents to {out}: {counts}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -58,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="trial YAML with model, train, data sections")
     p.add_argument("--out", required=True, help="output folder; re-running on it resumes")
     p.set_defaults(func=_train)
+    p = sub.add_parser("build-corpus", help="build a built-in corpus from installed Debian packages")
+    p.add_argument("name", choices=["debian-docs"])
+    p.add_argument("--out", help="output folder (default: the data cache's corpora/debian_docs)")
+    p.set_defaults(func=_build_corpus)
     p = sub.add_parser("demo", help="train dense, vanilla MoE, UniPool and PathMoE on a synthetic task")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

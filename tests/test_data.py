@@ -98,3 +98,22 @@ def test_two_processes_building_one_cache_produce_one_valid_cache(tmp_path):
     assert len(token_dirs) == 1 and not any(p.name.startswith(".") for p in token_dirs)
     manifest = json.loads((token_dirs[0] / "manifest.json").read_text())
     assert manifest["tokens"]["train"] == results[0][0]
+
+
+def test_debian_docs_corpus_holds_out_a_validation_set_per_source(tmp_path):
+    from moe_core.data.corpora import debian_docs_dir
+    from moe_core.data.debian_docs import build_debian_docs
+
+    cfg = DataConfig(source="debian_docs", tokenizer="bytes", val_fraction=0.2, cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="build-corpus debian-docs"):
+        prepare_tokens(cfg)
+    fake = {
+        "python_docs": ((f"lib/{i}.rst", f"The module {i} provides functions.\n" * 5) for i in range(60)),
+        "perl_docs": ((f"pod/{i}.pod", f"=head1 NAME\n\nperl{i} - manual page {i}\n") for i in range(60)),
+    }
+    assert build_debian_docs(debian_docs_dir(cfg), fake) == {"python_docs": 60, "perl_docs": 60}
+    data = prepare_tokens(cfg)
+    assert set(data.val) == {"python_docs", "perl_docs"}
+    assert data.manifest["documents"]["train"] + sum(data.manifest["documents"][k] for k in data.val) == 120
+    with pytest.raises(ConfigError, match="no documents found for linux_docs"):
+        build_debian_docs(tmp_path / "x", {"linux_docs": iter(())})

@@ -10,10 +10,12 @@ from moe_core.config import StrictConfig
 
 
 class DataConfig(StrictConfig):
-    """`source`: `bible` (the embedded King James Bible, held out by whole books) or `files`
-    (local .txt / .jsonl / .parquet files or globs in `paths`, held out by document hash)."""
+    """`source`: `bible` (the embedded King James Bible, held out by whole books), `debian_docs`
+    (the technical-prose corpus `moe-sweep build-corpus debian-docs` builds; each of its sources
+    holds out its own validation set) or `files` (local .txt / .jsonl / .parquet files or globs in
+    `paths`, held out by document hash)."""
 
-    source: Literal["bible", "files"] = "bible"
+    source: Literal["bible", "debian_docs", "files"] = "bible"
     paths: tuple[str, ...] = ()
     text_field: str = "text"  # JSONL field / Parquet column holding the text
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.01  # `files` only

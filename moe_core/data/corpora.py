@@ -109,8 +109,27 @@ def file_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
             yield ("heldout" if _heldout(text, cfg.val_fraction) else "train"), text
 
 
+def debian_docs_dir(cfg: DataConfig) -> Path:
+    from moe_core.data.tokens import cache_root
+
+    return cache_root(cfg) / "corpora" / "debian_docs"
+
+
+def debian_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """One held-out set per source file (python_docs, linux_docs, perl_docs)."""
+    files = sorted(debian_docs_dir(cfg).glob("*.jsonl"))
+    if not files:
+        raise ConfigError(f"{debian_docs_dir(cfg)} is empty: run `moe-sweep build-corpus debian-docs` first",
+                          where="data.source")
+    for path in files:
+        for text in _file_texts(path, "text"):
+            yield (path.stem if _heldout(text, cfg.val_fraction) else "train"), text
+
+
 def documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    return bible_documents() if cfg.source == "bible" else file_documents(cfg)
+    if cfg.source == "bible":
+        return bible_documents()
+    return debian_documents(cfg) if cfg.source == "debian_docs" else file_documents(cfg)
 
 
 def fingerprint(cfg: DataConfig) -> str:
@@ -120,7 +139,8 @@ def fingerprint(cfg: DataConfig) -> str:
     if cfg.source == "bible":
         h.update(bible_path().read_bytes())
     else:
-        for path in expand_paths(cfg.paths):
+        paths = expand_paths(cfg.paths) if cfg.source == "files" else sorted(debian_docs_dir(cfg).glob("*.jsonl"))
+        for path in paths:
             st = path.stat()
             h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]

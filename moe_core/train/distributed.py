@@ -9,6 +9,7 @@ balancing are summed over workers, so W workers reproduce one worker within floa
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+
+def init_from_env() -> None:
+    """Join the process group a launcher such as `torchrun` describes in the environment
+    (WORLD_SIZE > 1); nccl when CUDA is there, else gloo. Does nothing for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 @dataclass(frozen=True)
