@@ -10,7 +10,10 @@ from moe_core.train.callbacks import TrainCallback
 
 
 class TrainProgress(TrainCallback):
+    """A live bar on a terminal; one line per evaluation when output goes to a file or pipe."""
+
     def __init__(self, total_steps: int) -> None:
+        self._total = total_steps
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[tps]} tok/s"),
@@ -29,4 +32,8 @@ class TrainProgress(TrainCallback):
         fields = {"loss": f"{row['train_loss']:.3f}", "tps": f"{row.get('tokens_per_second', 0):,.0f}"}
         if "val_loss" in row:
             fields["val"] = f"{row['val_loss']:.3f}"
+            if not self._progress.console.is_terminal:
+                self._progress.console.print(
+                    f"step {step}/{self._total}  loss {fields['loss']}  val {fields['val']}  {fields['tps']} tok/s"
+                )
         self._progress.update(self._task, completed=step, **fields)
