@@ -35,7 +35,7 @@ def demo_variants() -> dict[str, MoEConfig]:
 
 
 def run_demo(steps: int = 200, seed: int = 0, console: Console | None = None) -> list[dict]:
-    console = console or Console()
+    console = console or Console(width=max(100, Console().width))  # the table needs ~95 columns
     rows = []
     for name, moe in demo_variants().items():
         cfg = ModelConfig(**BASE, moe=moe)
