@@ -160,7 +160,7 @@ def train_trial(
         lr = trial.train.lr * lr_factor(step, total_steps, trial.train)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # kept on the device: one sync per step, not per micro-batch
         batches = micro_batches(data.train, trial.model.seq_len, trial.train.micro_batch_size, accum, trial.seed,
                                 step, dp.rank, dp.world_size)
         for i, (x, y) in enumerate(batches):
@@ -170,8 +170,8 @@ def train_trial(
                 result = step_fn(x.to(device), y.to(device))
                 (result.loss / accum).backward()
             for name, value in {"train_loss": result.ce, **result.balance}.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) / accum
-        sums = dp.mean(sums)
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / accum
+        sums = dp.mean({name: float(value) for name, value in sums.items()})
         if not all(math.isfinite(v) for v in sums.values()):
             status = "diverged"
             rows.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, **sums, "lr": lr})
