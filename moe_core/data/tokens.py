@@ -21,7 +21,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from moe_core.data.config import DataConfig
 from moe_core.data.corpora import documents, fingerprint
-from moe_core.data.tokenizers import ByteTokenizer, Tokenizer, bpe_tokenizer
+from moe_core.data.tokenizers import ByteTokenizer, Tokenizer, bpe_tokenizer, gpt2_tokenizer
 
 FORMAT_VERSION = 1
 BATCH_DOCS = 256
@@ -47,6 +47,8 @@ def cache_root(cfg: DataConfig) -> Path:
 def _tokenizer(cfg: DataConfig, fp: str, root: Path) -> Tokenizer:
     if cfg.tokenizer == "bytes":
         return ByteTokenizer()
+    if cfg.tokenizer == "gpt2":
+        return gpt2_tokenizer()
     train_texts = (text for split, text in documents(cfg) if split == "train")
     return bpe_tokenizer(train_texts, cfg.bpe_vocab_size, fp, root)
 
