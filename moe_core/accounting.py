@@ -32,6 +32,8 @@ class ParamCount:
     active_non_embedding: int  # `active` without embedding and head
     expert: int  # routed expert parameters held (pools counted once)
     active_expert: int  # routed expert parameters one token uses
+    router: int  # router parameters held (PathMoE-shared routers counted once)
+    active_router: int  # router parameters one token uses (once per MoE layer); grows with n
     flops_per_token: int  # training (forward + backward) FLOPs per token
 
     def to_dict(self) -> dict[str, int]:
@@ -73,5 +75,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
         active_non_embedding=body_active,
         expert=expert,
         active_expert=active_expert,
+        router=cfg.num_routers * router,
+        active_router=router_active,
         flops_per_token=flops,
     )

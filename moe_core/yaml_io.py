@@ -41,3 +41,37 @@ def load_model_config(path: str | Path) -> ModelConfig:
         return ModelConfig.from_dict(data["model"])
     except ConfigError as err:
         raise ConfigError(err.detail, where=str(path), path=".".join(p for p in ("model", err.path) if p)) from None
+
+
+class _LineLoader(yaml.SafeLoader):
+    """`SafeLoader` that also remembers the line of every mapping key (still constructs plain
+    Python types only). Lines are keyed by the tuple of keys leading to the value."""
+
+
+def _record_lines(loader: _LineLoader, node: yaml.Node, prefix: tuple) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                path = prefix + (key_node.value,)
+                loader.key_lines.setdefault(path, key_node.start_mark.line + 1)
+                _record_lines(loader, value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            loader.key_lines.setdefault(prefix + (i,), item.start_mark.line + 1)
+            _record_lines(loader, item, prefix + (i,))
+
+
+def load_yaml_with_lines(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
+    """Like `load_yaml`, plus a map from key paths (tuples of keys and list indices) to the
+    1-based line where each key or list item starts, for error messages."""
+    path = Path(path)
+    data = load_yaml(path)  # all the error handling; the file is small, parsing twice is cheap
+    loader = _LineLoader(path.read_text())
+    loader.key_lines = {}
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _record_lines(loader, node, ())
+    finally:
+        loader.dispose()
+    return data, loader.key_lines

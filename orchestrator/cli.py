@@ -65,12 +65,30 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(steps=args.steps, seed=args.seed)
 
 
+def _plan(args: argparse.Namespace) -> None:
+    import json
+
+    from orchestrator.plan_view import plans_json, print_plans
+    from orchestrator.planner import plan_path
+
+    plans = plan_path(args.path)
+    if args.json:
+        print(json.dumps(plans_json(plans), indent=1))
+    else:
+        print_plans(plans, Console(width=max(Console().width, 160)), limit=args.limit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-sweep", description="FLOP-matched MoE sweeps.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("describe", help="parameter and FLOP accounting of a trial config's model")
     p.add_argument("config", help="YAML file with a `model:` section")
     p.set_defaults(func=_describe)
+    p = sub.add_parser("plan", help="expand sweep YAMLs into FLOP-matched trials; nothing runs")
+    p.add_argument("path", help="a sweep YAML, or a folder of them")
+    p.add_argument("--json", action="store_true", help="print one JSON object (trials, skipped, totals)")
+    p.add_argument("--limit", type=int, default=40, help="trials shown per sweep in the table (default 40)")
+    p.set_defaults(func=_plan)
     p = sub.add_parser("train", help="train one trial config alone (no Ray, no MLflow)")
     p.add_argument("config", help="trial YAML with model, train, data sections")
     p.add_argument("--out", required=True, help="output folder; re-running on it resumes")

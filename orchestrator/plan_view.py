@@ -1,0 +1,102 @@
+"""How `moe-sweep plan` shows plans: rich tables for people, one JSON object for programs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.planner import Plan
+
+
+def _si(x: float) -> str:
+    if not math.isfinite(x):
+        return "?"
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _hours(h: float) -> str:
+    if not math.isfinite(h):
+        return "?"
+    return f"{h * 60:.1f} min" if h < 1 else f"{h:,.1f} h"
+
+
+def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
+    """Per sweep: up to `limit` trials, then skipped reasons; then totals over all sweeps."""
+    for plan in plans:
+        spec = plan.spec
+        title = f"{spec.name} ({plan.path}): {spec.method}, {plan.planned_trials} trials"
+        table = Table(title=title, title_justify="left")
+        for col in ("trial_id", "scale", "seed", "params", "moe", "active", "total", "GFLOP/tok", "tokens", "FLOPs", "est."):
+            table.add_column(col, justify="right" if col in ("active", "total", "GFLOP/tok", "tokens", "FLOPs", "est.") else "left")
+        rows = plan.trials if spec.method != "bayes" else ([plan.estimate] if plan.estimate else [])
+        for t in rows[:limit]:
+            d = t.derived
+            moe = "dense" if d["layout"] == "dense" else f"{d['layout']} n={d['num_experts']} k={d['top_k']} w={d['expert_width']}"
+            params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in t.params.items())
+            table.add_row(
+                t.trial_id if spec.method != "bayes" else "(typical)", t.scale, str(t.seed), params, moe,
+                _si(t.active_params), _si(t.total_params), f"{t.flops_per_token / 1e9:.3g}", _si(t.train_tokens),
+                _si(t.train_flops), _hours(t.est_hours),
+            )
+        if len(rows) > limit:
+            table.caption = f"... {len(rows) - limit} more trials (--limit N to show more, --json for all)"
+        console.print(table)
+        if spec.method == "bayes":
+            space = ", ".join(f"{k}: {_space(p)}" for k, p in spec.parameters.items())
+            console.print(f"  search space ({spec.sampler}): {space}")
+        reasons: dict[str, int] = {}
+        for s in plan.skipped:
+            key = s.reason if not s.reason.startswith("same resolved trial") else "duplicate of another grid point"
+            reasons[key] = reasons.get(key, 0) + 1
+        for reason, count in reasons.items():
+            console.print(f"  skipped {count}: {reason}")
+    hw = {p.hardware.name for p in plans}
+    units = {p.hardware.unit for p in plans}
+    total = Table(title="totals", title_justify="left")
+    for col in ("sweeps", "trials", "skipped", "training FLOPs", f"{'/'.join(sorted(units))}-hours ({', '.join(sorted(hw))})"):
+        total.add_column(col, justify="right")
+    total.add_row(
+        str(len(plans)), f"{sum(p.planned_trials for p in plans):,}", f"{sum(len(p.skipped) for p in plans):,}",
+        _si(sum(p.train_flops for p in plans)), f"{sum(p.device_hours for p in plans):,.1f}",
+    )
+    console.print(total)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _space(p: Any) -> str:
+    if p.is_range:
+        return f"{p.distribution}[{p.min:g}, {p.max:g}]"
+    return "{" + ", ".join(map(str, p.choices)) + "}"
+
+
+def plans_json(plans: list[Plan]) -> dict[str, Any]:
+    """One object: `sweeps` (a summary each), `trials` and `skipped` of all sweeps, `totals`."""
+    sweeps = []
+    for p in plans:
+        sweeps.append({
+            "name": p.spec.name, "path": str(p.path), "method": p.spec.method, "trials": p.planned_trials,
+            "skipped": len(p.skipped), "train_flops": p.train_flops, "device_hours": p.device_hours,
+            "hardware": p.hardware.name,
+            "search_space": {k: v.to_dict() for k, v in p.spec.parameters.items()} if p.spec.method == "bayes" else None,
+            "typical_trial": p.estimate.to_dict(with_config=False) if p.estimate else None,
+        })
+    return {
+        "sweeps": sweeps,
+        "trials": [t.to_dict() for p in plans for t in p.trials],
+        "skipped": [s.to_dict() for p in plans for s in p.skipped],
+        "totals": {
+            "trials": sum(p.planned_trials for p in plans),
+            "skipped": sum(len(p.skipped) for p in plans),
+            "train_flops": sum(p.train_flops for p in plans),
+            "device_hours": sum(p.device_hours for p in plans),
+        },
+    }
