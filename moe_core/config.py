@@ -27,11 +27,12 @@ def _parse_fraction(value: Any) -> Any:
         try:
             return float(Fraction(value.strip()))
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"granularity {value!r} is not a number or a fraction like '1/8'") from None
+            raise ValueError(f"{value!r} is not a number or a fraction like '1/8'") from None
     return value
 
 
 Granularity = Annotated[float, BeforeValidator(_parse_fraction), Field(gt=0, le=1)]
+UnitFraction = Granularity  # any share in (0, 1], written as 0.25 or "1/4"
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from rich.console import Console
@@ -14,7 +15,7 @@ from orchestrator.planner import Plan
 def _si(x: float) -> str:
     if not math.isfinite(x):
         return "?"
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"
     return f"{x:.3g}"
@@ -35,7 +36,7 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
         for col in ("trial_id", "scale", "seed", "params", "moe", "active", "total", "GFLOP/tok", "tokens", "FLOPs", "est."):
             table.add_column(col, justify="right" if col in ("active", "total", "GFLOP/tok", "tokens", "FLOPs", "est.") else "left")
         rows = plan.trials if spec.method != "bayes" else ([plan.estimate] if plan.estimate else [])
-        for t in rows[:limit]:
+        for t in rows[: max(limit, 0)]:
             d = t.derived
             moe = "dense" if d["layout"] == "dense" else f"{d['layout']} n={d['num_experts']} k={d['top_k']} w={d['expert_width']}"
             params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in t.params.items())
@@ -44,18 +45,21 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
                 _si(t.active_params), _si(t.total_params), f"{t.flops_per_token / 1e9:.3g}", _si(t.train_tokens),
                 _si(t.train_flops), _hours(t.est_hours),
             )
-        if len(rows) > limit:
+        if len(rows) > limit > 0:
             table.caption = f"... {len(rows) - limit} more trials (--limit N to show more, --json for all)"
-        console.print(table)
+        if limit > 0:
+            console.print(table)
+        else:
+            console.print(f"{title}{f', {len(plan.skipped)} skipped' if plan.skipped else ''}")
         if spec.method == "bayes":
             space = ", ".join(f"{k}: {_space(p)}" for k, p in spec.parameters.items())
             console.print(f"  search space ({spec.sampler}): {space}")
-        reasons: dict[str, int] = {}
+        reasons: dict[str, list[str]] = {}  # reasons that differ only in numbers, grouped
         for s in plan.skipped:
-            key = s.reason if not s.reason.startswith("same resolved trial") else "duplicate of another grid point"
-            reasons[key] = reasons.get(key, 0) + 1
-        for reason, count in reasons.items():
-            console.print(f"  skipped {count}: {reason}")
+            text = s.reason if not s.reason.startswith("same resolved trial") else "duplicate of another grid point"
+            reasons.setdefault(re.sub(r"[0-9.]+", "#", text), []).append(text)
+        for texts in reasons.values():
+            console.print(f"  skipped {len(texts)}: {texts[0]}{' (and similar)' if len(set(texts)) > 1 else ''}")
     hw = {p.hardware.name for p in plans}
     units = {p.hardware.unit for p in plans}
     total = Table(title="totals", title_justify="left")

@@ -16,9 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from moe_core.config import Granularity, StrictConfig
+from moe_core.config import Granularity, StrictConfig, UnitFraction
 
-Share = Annotated[float, Field(gt=0, le=1)]
 
 
 class Infeasible(Exception):
@@ -35,7 +34,7 @@ class ExpertSetKnobs(StrictConfig):
     """One routed set of a heterogeneous layer: its granularity and its share of the routed width."""
 
     granularity: Granularity
-    share: Share
+    share: UnitFraction
 
 
 class StudyConfig(StrictConfig):
@@ -45,7 +44,7 @@ class StudyConfig(StrictConfig):
     shared_experts: Annotated[int, Field(ge=0)] = 0  # K_s always-on experts
     shared_granularity: Granularity | None = None  # g_s; default g
     expert_sets: tuple[ExpertSetKnobs, ...] = ()  # heterogeneous sets (replace `granularity`)
-    pool_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0  # UniPool: pool size / vanilla expert budget
+    pool_fraction: UnitFraction = 1.0  # UniPool: pool size / vanilla expert budget
     pool_group_size: Annotated[int, Field(ge=1)] | None = None  # UniPool G (None: one pool)
     block_size: Annotated[int, Field(ge=1)] | Literal["all"] | None = None  # PathMoE B; "all" = one router
 
