@@ -50,9 +50,14 @@ class _LineLoader(yaml.SafeLoader):
 
 def _record_lines(loader: _LineLoader, node: yaml.Node, prefix: tuple) -> None:
     if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
         for key_node, value_node in node.value:
             if isinstance(key_node, yaml.ScalarNode):
                 path = prefix + (key_node.value,)
+                if key_node.value in seen:  # safe_load would silently keep the last one
+                    dotted = ".".join(str(p) for p in path)
+                    raise ConfigError(f"line {key_node.start_mark.line + 1}: {dotted}: duplicate key")
+                seen.add(key_node.value)
                 loader.key_lines.setdefault(path, key_node.start_mark.line + 1)
                 _record_lines(loader, value_node, path)
     elif isinstance(node, yaml.SequenceNode):
@@ -72,6 +77,8 @@ def load_yaml_with_lines(path: str | Path) -> tuple[dict[str, Any], dict[tuple, 
         node = loader.get_single_node()
         if node is not None:
             _record_lines(loader, node, ())
+    except ConfigError as err:
+        raise ConfigError(err.detail, where=str(path)) from None
     finally:
         loader.dispose()
     return data, loader.key_lines

@@ -60,15 +60,15 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
             reasons.setdefault(re.sub(r"[0-9.]+", "#", text), []).append(text)
         for texts in reasons.values():
             console.print(f"  skipped {len(texts)}: {texts[0]}{' (and similar)' if len(set(texts)) > 1 else ''}")
-    hw = {p.hardware.name for p in plans}
-    units = {p.hardware.unit for p in plans}
     total = Table(title="totals", title_justify="left")
-    for col in ("sweeps", "trials", "skipped", "training FLOPs", f"{'/'.join(sorted(units))}-hours ({', '.join(sorted(hw))})"):
-        total.add_column(col, justify="right")
-    total.add_row(
-        str(len(plans)), f"{sum(p.planned_trials for p in plans):,}", f"{sum(len(p.skipped) for p in plans):,}",
-        _si(sum(p.train_flops for p in plans)), f"{sum(p.device_hours for p in plans):,.1f}",
-    )
+    for col in ("hardware", "sweeps", "trials", "skipped", "training FLOPs", "device-hours"):
+        total.add_column(col, justify="left" if col == "hardware" else "right")
+    for name in sorted({p.hardware.name for p in plans}):
+        group = [p for p in plans if p.hardware.name == name]
+        total.add_row(
+            name, str(len(group)), f"{sum(p.planned_trials for p in group):,}", f"{sum(len(p.skipped) for p in group):,}",
+            _si(sum(p.train_flops for p in group)), f"{sum(p.device_hours for p in group):,.1f} {group[0].hardware.unit}-h",
+        )
     console.print(total)
 
 
@@ -101,6 +101,8 @@ def plans_json(plans: list[Plan]) -> dict[str, Any]:
             "trials": sum(p.planned_trials for p in plans),
             "skipped": sum(len(p.skipped) for p in plans),
             "train_flops": sum(p.train_flops for p in plans),
-            "device_hours": sum(p.device_hours for p in plans),
+            "device_hours": {
+                hw: sum(p.device_hours for p in plans if p.hardware.name == hw) for hw in sorted({p.hardware.name for p in plans})
+            },
         },
     }

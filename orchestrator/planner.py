@@ -127,8 +127,22 @@ class SweepFile:
         try:
             self.spec = SweepSpec.from_dict(data)
         except ConfigError as err:
-            raise self.error(tuple(_split_error_path(err.path)), err.detail) from None
+            raise self.error(self.key_path(err.path), err.detail) from None
         self._check_parameters()
+
+    def key_path(self, dotted: str) -> tuple:
+        """The file's key path for a dotted error path, whose keys may themselves contain dots
+        (parameter names like `train.lr`): match the longest run of parts at each level."""
+        parts, out = _split_error_path(dotted), ()
+        while parts:
+            for n in range(len(parts), 0, -1):
+                key = ".".join(str(p) for p in parts[:n]) if n > 1 else parts[0]
+                if out + (key,) in self.lines:
+                    out, parts = out + (key,), parts[n:]
+                    break
+            else:
+                return out + tuple(parts)
+        return out
 
     def line(self, key_path: tuple) -> int:
         """The line of the longest prefix of `key_path` found in the file (1 if none)."""
@@ -174,10 +188,13 @@ def _split_error_path(path: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in path.split(".")] if path else []
 
 
-def _unknown(key: str, allowed: Any) -> str:
+def _suggest(key: str, allowed: Any) -> str:
     close = difflib.get_close_matches(key, list(allowed), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown key; {hint}allowed: {', '.join(allowed)}"
+    return f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(allowed)}"
+
+
+def _unknown(key: str, allowed: Any) -> str:
+    return f"unknown key; {_suggest(key, allowed)}"
 
 
 def check_path(dotted: str) -> str | None:
@@ -186,14 +203,14 @@ def check_path(dotted: str) -> str | None:
         return "seed is swept with the sweep's top-level `seeds`"
     head, *rest = dotted.split(".")
     if head not in BASE_SECTIONS:
-        return f"'{head}' is not a section of base; {_unknown(head, BASE_SECTIONS)}"
+        return f"'{head}' is not a section of base; {_suggest(head, BASE_SECTIONS)}"
     model: type[BaseModel] | None = BASE_SECTIONS[head]
     walked = head
     for part in rest:
         if model is None:
             return f"'{walked}' has no sub-keys (cannot set '{dotted}')"
         if part not in model.model_fields:
-            return f"'{walked}' has no key '{part}'; {_unknown(part, sorted(model.model_fields))}"
+            return f"'{walked}' has no key '{part}'; {_suggest(part, sorted(model.model_fields))}"
         annotation = model.model_fields[part].annotation
         inner = _model_in(annotation)
         # Lists of configs (model.moe.experts, study.expert_sets) are set whole, not item by item.
@@ -350,7 +367,7 @@ class Planner:
                 if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
                     path = ("parameters", name) + (("variants", value, key) if p.variants is not None else ())
                     return ConfigError(detail, where=f"{self.sweep.path}:{self.sweep.line(path)}", path=dotted)
-        return ConfigError(detail, where=f"{self.sweep.path}:{self.sweep.line(('base', *_split_error_path(dotted)))}", path=dotted)
+        return ConfigError(detail, where=f"{self.sweep.path}:{self.sweep.line(self.sweep.key_path('base.' + dotted))}", path=dotted)
 
     def _params(self, point: dict[str, Any], tree: dict[str, Any], study: StudyConfig | None, trial: TrialConfig) -> dict[str, Any]:
         """The swept keys with their resolved values: what the trials table shows."""

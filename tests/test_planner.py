@@ -1,0 +1,306 @@
+"""The sweep planner: expansion, exact FLOP matching, skips with reasons, stable ids, validation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_core.accounting import count_params
+from moe_core.errors import ConfigError
+from orchestrator.cli import main
+from orchestrator.planner import Planner, SweepFile, plan_path, plan_sweep
+from orchestrator.scales import SCALES
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = ROOT / "sweeps"
+
+BASE = """\
+name: t
+method: grid
+base:
+  scale: micro-xs
+  study: {sparsity: 4, granularity: 1/4}
+  train: {tokens: 16384, batch_tokens: 4096, micro_batch_size: 8}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def sweep(tmp_path: Path, parameters: str = "", extra: str = "", base: str = BASE) -> Path:
+    return write(tmp_path, base + extra + (f"parameters:\n{textwrap.indent(textwrap.dedent(parameters), '  ')}" if parameters else ""))
+
+
+# -- expansion --------------------------------------------------------------------------------
+def test_grid_expands_product_of_values_times_seeds(tmp_path):
+    path = sweep(tmp_path, """\
+        study.sparsity: {values: [1, 2, 4, 8]}
+        study.granularity: {values: [1, 1/2, 1/4]}
+        """, extra="seeds: [0, 1]\n")
+    plan = plan_sweep(path)
+    assert len(plan.trials) == 4 * 3 * 2 and not plan.skipped
+    assert {t.seed for t in plan.trials} == {0, 1}
+    combos = {(t.params["study.sparsity"], t.params["study.granularity"]) for t in plan.trials}
+    assert len(combos) == 12
+    t = next(t for t in plan.trials if t.params == {"study.sparsity": 8.0, "study.granularity": 0.25})
+    assert (t.derived["num_experts"], t.derived["top_k"], t.derived["expert_width"]) == (32, 4, "64")
+
+
+def test_seed_count_and_variants(tmp_path):
+    path = sweep(tmp_path, """\
+        arch:
+          variants:
+            dense: {study.layout: dense}
+            fine: {study.granularity: 1/8, study.sparsity: 8}
+        """, extra="seeds: 3\n")
+    plan = plan_sweep(path)
+    assert len(plan.trials) == 6
+    assert {t.params["arch"] for t in plan.trials} == {"dense", "fine"}
+    fine = next(t for t in plan.trials if t.params["arch"] == "fine")
+    assert fine.config.model.moe.experts[0].num_experts == 64 and fine.config.model.moe.top_k == 8
+
+
+def test_points_resolving_to_one_trial_are_listed_once(tmp_path):
+    plan = plan_sweep(sweep(tmp_path, """\
+        study.layout: {values: [dense, layerwise]}
+        study.sparsity: {values: [2, 4]}
+        """))
+    assert len(plan.trials) == 3  # dense once, two MoEs
+    dup = [s for s in plan.skipped if s.reason.startswith("same resolved trial as")]
+    assert len(dup) == 1 and dup[0].params["study.layout"] == "dense"
+
+
+def test_random_search_is_seeded_and_sized(tmp_path):
+    text = BASE.replace("method: grid", "method: random\ntrials: 7\nsearch_seed: 3")
+    params = """\
+        train.lr: {distribution: log_uniform, min: 1.0e-4, max: 1.0e-2}
+        study.sparsity: {values: [2, 4, 8]}
+        train.warmup_fraction: {distribution: uniform, min: 0.0, max: 0.1}
+        """
+    a = plan_sweep(sweep(tmp_path, params, base=text))
+    b = plan_sweep(sweep(tmp_path, params, base=text))
+    assert len(a.trials) + len(a.skipped) == 7
+    assert [t.trial_id for t in a.trials] == [t.trial_id for t in b.trials]
+    assert all(1e-4 <= t.config.train.lr <= 1e-2 for t in a.trials)
+    assert len({t.config.train.lr for t in a.trials}) == len(a.trials)
+
+
+def test_bayes_plan_estimates_budget_without_trials(tmp_path):
+    text = BASE.replace("method: grid", "method: bayes\ntrials: 5")
+    plan = plan_sweep(sweep(tmp_path, "train.lr: {distribution: log_uniform, min: 1.0e-4, max: 1.0e-2}\n", base=text))
+    assert plan.trials == [] and plan.planned_trials == 5
+    assert plan.estimate is not None and plan.train_flops == pytest.approx(5 * plan.estimate.train_flops)
+
+
+# -- FLOP matching ----------------------------------------------------------------------------
+def test_every_library_trial_of_a_scale_is_flop_matched():
+    plans = plan_path(SWEEPS)
+    assert sum(len(p.trials) for p in plans) > 2000
+    groups: dict[tuple, list] = defaultdict(list)
+    for plan in plans:
+        for t in plan.trials:
+            groups[(t.sweep, t.scale)].append(t)
+    for key, trials in groups.items():
+        assert len({t.active_params for t in trials}) == 1, key
+        assert len({t.flops_per_token for t in trials}) == 1, key
+        by_budget = defaultdict(set)
+        for t in trials:
+            budget = (t.params.get("train.tokens_per_active_param"), t.params.get("train.tokens"))
+            by_budget[budget].add(t.train_flops)
+        assert all(len(v) == 1 for v in by_budget.values()), key
+    for t in (t for p in plans for t in p.trials):
+        assert t.config.model.moe.active_fraction == pytest.approx(1.0) or not t.config.model.moe.is_moe
+        assert t.train_flops == t.flops_per_token * t.train_tokens
+
+
+def test_matched_quantities_exclude_only_the_router(tmp_path):
+    plan = plan_sweep(sweep(tmp_path, "study.sparsity: {values: [1, 8]}\narch: {variants: {d: {study.layout: dense}, m: {}}}\n"
+                            .replace("m: {}", "m: {study.layout: layerwise}")))
+    dense = next(t for t in plan.trials if t.derived["layout"] == "dense")
+    for t in plan.trials:
+        counts = count_params(t.config.model)
+        assert t.active_params == counts.active - counts.active_router == dense.active_params
+        assert t.router_params == counts.active_router
+        assert t.flops_per_token + t.router_flops_per_token == counts.flops_per_token
+        assert t.total_params == counts.total
+
+
+def test_token_budget_is_tokens_per_active_param_in_whole_steps(tmp_path):
+    base = BASE.replace("train: {tokens: 16384, batch_tokens: 4096, micro_batch_size: 8}",
+                        "train: {tokens_per_active_param: 20, batch_tokens: 4096, micro_batch_size: 8}")
+    plan = plan_sweep(sweep(tmp_path, "study.granularity: {values: [1, 1/4]}\n", base=base))
+    for t in plan.trials:
+        assert t.train_tokens % 4096 == 0 and 0 <= t.train_tokens - 20 * t.active_params < 4096
+        assert t.config.train.tokens == t.train_tokens and t.config.total_steps * 4096 == t.train_tokens
+
+
+def test_shared_heterogeneous_and_unipool_stay_matched(tmp_path):
+    plan = plan_sweep(sweep(tmp_path, """\
+        arch:
+          variants:
+            plain: {study.granularity: 1/4}
+            shared: {study.granularity: 1/8, study.shared_experts: 2, study.shared_granularity: 1/4}
+            hetero: {study.expert_sets: [{granularity: 1/2, share: 0.5}, {granularity: 1/8, share: 0.5}]}
+            pool: {study.layout: unipool, study.pool_fraction: 1/2}
+        """))
+    by = {t.params["arch"]: t for t in plan.trials}
+    assert len({t.active_params for t in by.values()}) == 1
+    shared = by["shared"].config.model.moe
+    assert (shared.top_k, shared.shared_experts) == (4, 2)  # 4 * 1/8 + 2 * 1/4 = 1
+    assert [(s.num_experts, s.top_k) for s in by["hetero"].config.model.moe.experts] == [(4, 1), (16, 4)]
+    pool = by["pool"].config.model.moe.experts[0]
+    assert (pool.num_experts, pool.top_k) == (4 * 4 * 2 // 2, 4)  # half of S*k experts for each of 2 layers
+
+
+# -- skipped ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("params, extra, reason", [
+    ("study.granularity: {values: [1/3]}\n", "", "is not a whole number"),  # width 256/3
+    ("study.sparsity: {values: [1.5]}\nstudy.granularity: {values: [1]}\n", "", "num_experts = S 1.5 * top_k 1"),
+    ("study.granularity: {values: [1/64]}\n", "", "not a multiple of expert_alignment 8"),
+    ("study.granularity: {values: [1/4]}\n", "max_total_params: 1.0e5\n", "exceed max_total_params"),
+    ("study.shared_experts: {values: [4]}\n", "", "leave no routed width"),
+    ("study.pool_fraction: {values: [1/16]}\nstudy.layout: {values: [unipool]}\n", "", "smaller than top_k"),
+])
+def test_unmatchable_combinations_are_skipped_with_reason(tmp_path, params, extra, reason):
+    plan = plan_sweep(sweep(tmp_path, params, extra=extra))
+    assert not plan.trials and len(plan.skipped) == 1
+    assert reason in plan.skipped[0].reason
+
+
+# -- identity ---------------------------------------------------------------------------------
+def test_trial_ids_stable_across_replans_key_order_and_extension(tmp_path):
+    a = plan_sweep(sweep(tmp_path, "study.sparsity: {values: [2, 4]}\n"))
+    reordered = textwrap.dedent("""\
+        parameters:
+          study.sparsity: {values: [2, 4]}
+        base:
+          train: {micro_batch_size: 8, batch_tokens: 4096, tokens: 16384}
+          study: {granularity: 1/4, sparsity: 4}
+          scale: micro-xs
+        method: grid
+        name: t
+        """)
+    b = plan_sweep(write(tmp_path, reordered, "b.yaml"))
+    assert [t.trial_id for t in a.trials] == [t.trial_id for t in b.trials]
+    extended = plan_sweep(sweep(tmp_path, "study.sparsity: {values: [2, 4, 8]}\n", extra="seeds: [0, 1]\n"))
+    old = {t.trial_id for t in a.trials}
+    assert old < {t.trial_id for t in extended.trials} and len(extended.trials) == 6
+
+
+# -- validation -------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, needle", [
+    (BASE + "metod: grid\n", "sweep.yaml:7: metod: unknown key; did you mean 'method'?"),
+    (BASE.replace("method: grid", "method: gird"), "sweep.yaml:2: method: Input should be 'grid', 'random' or 'bayes'"),
+    (BASE + "seeds: many\n", "sweep.yaml:7: seeds"),
+    (BASE + "max_concurrent: 0\n", "sweep.yaml:7: max_concurrent: Input should be greater than or equal to 1"),
+    (BASE + "parameters:\n  study.sparsty: {values: [1]}\n", "sweep.yaml:8: parameters.study.sparsty: 'study' has no key 'sparsty'; did you mean 'sparsity'?"),
+    (BASE + "parameters:\n  modle.d_model: {values: [1]}\n", "'modle' is not a section of base; did you mean 'model'?"),
+    (BASE + "parameters:\n  train.lr: {distribution: uniform, min: 0.1, max: 1}\n", "sweep.yaml:8: parameters.train.lr: a range (uniform) cannot be gridded"),
+    (BASE + "parameters:\n  train.lr:\n    values: []\n", "sweep.yaml:8: parameters.train.lr: values: empty list"),
+    (BASE.replace("scale: micro-xs", "scale: micro-xxl"), "sweep.yaml:4: base.scale: unknown scale 'micro-xxl'; known: micro-xs"),
+    (BASE + "parameters:\n  scale: {values: [micro-s, tiny]}\n", "sweep.yaml:8: parameters.scale: unknown scale 'tiny'"),
+    (BASE + "parameters:\n  train.lr: {values: [0.01, -1]}\n", "sweep.yaml:8: train.lr: Input should be greater than 0 (at train.lr=-1)"),
+    (BASE.replace("micro_batch_size: 8", "micro_batch_size: 8, lr: fast"), "sweep.yaml:6: train.lr: Input should be a valid number"),
+    (BASE.replace("study: {", "study: {sparsty: 2, "), "sweep.yaml:5: study.sparsty: unknown key; did you mean 'sparsity'?"),
+    (BASE + "name: u\n", "sweep.yaml: line 7: name: duplicate key"),
+    (BASE + "trials: 4\n", "trials is for method random or bayes"),
+    (BASE.replace("method: grid", "method: bayes"), "method 'bayes' needs trials"),
+    (BASE + "base2: 1\n", "base2: unknown key; did you mean 'base'?"),
+    ("name: t\nbase: [1, 2\n", "invalid YAML"),
+])
+def test_user_mistakes_name_file_line_and_key(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        plan_sweep(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert needle in message.replace(str(tmp_path) + "/", "")
+
+
+def test_duplicate_sweep_names_in_a_folder(tmp_path):
+    write(tmp_path, BASE, "a.yaml")
+    write(tmp_path, BASE, "b.yaml")
+    with pytest.raises(ConfigError, match=r"b.yaml:1: name: duplicate sweep name 't' \(also in .*a.yaml\)"):
+        plan_path(tmp_path)
+
+
+def test_yaml_is_never_executed(tmp_path):
+    path = write(tmp_path, BASE + "description: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        plan_sweep(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_every_sweep_in_the_library_plans():
+    files = sorted(SWEEPS.rglob("*.yaml"))
+    assert len(files) >= 20
+    names = set()
+    for file in files:
+        plan = plan_sweep(file)
+        assert plan.planned_trials > 0, file
+        names.add(plan.spec.name)
+        if plan.spec.method == "bayes":
+            assert plan.estimate is not None, file
+    assert len(names) == len(files)
+
+
+def test_slicing_dicing_covers_the_study_axes():
+    plans = {p.spec.name: p for p in plan_path(SWEEPS / "slicing_dicing")}
+    assert sum(len(p.trials) for p in plans.values()) >= 2000
+    sparsities = {t.params.get("study.sparsity") for t in plans["sd-expert-count"].trials}
+    assert 128 in sparsities
+    assert max(t.total_params for p in plans.values() for t in p.trials) > 6e9
+
+
+def test_unipool_scales_match_the_paper():
+    published = {"unipool-182m": 777.9e6, "unipool-469m": 2.588e9, "unipool-650m": 3.834e9,
+                 "unipool-830m": 5.081e9, "unipool-978m": 5.742e9}
+    plans = plan_path(SWEEPS / "unipool" / "main.yaml") + plan_path(SWEEPS / "unipool" / "main_182m.yaml")
+    seen = set()
+    for t in (t for p in plans for t in p.trials if t.derived["layout"] == "unipool"):
+        assert t.derived["num_experts"] == 8 * SCALES[t.scale].model["n_layers"]
+        assert abs(t.total_params / published[t.scale] - 1) < 0.005, t.scale
+        seen.add(t.scale)
+    assert seen == set(published)
+
+
+# -- command line -----------------------------------------------------------------------------
+def test_plan_json(tmp_path, capsys):
+    path = sweep(tmp_path, "study.granularity: {values: [1, 1/4, 1/3]}\n")
+    assert main(["plan", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["trials"]) == 2 and len(out["skipped"]) == 1
+    for t in out["trials"]:
+        for key in ("trial_id", "scale", "params", "active_params", "total_params", "flops_per_token",
+                    "train_tokens", "train_flops", "config"):
+            assert key in t
+    assert "reason" in out["skipped"][0] and out["totals"]["trials"] == 2
+
+
+def test_plan_table_and_errors_exit_2_without_traceback(tmp_path):
+    good = sweep(tmp_path, "study.granularity: {values: [1, 1/4]}\n")
+    run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", str(good)], capture_output=True, text=True)
+    assert run.returncode == 0 and "micro-xs" in run.stdout and "totals" in run.stdout
+    bad = write(tmp_path, BASE + "parameters:\n  study.sparsty: {values: [1]}\n", "bad.yaml")
+    run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", str(bad)], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1 and "bad.yaml:8" in run.stderr
+
+
+def test_planned_config_round_trips_as_a_trial_yaml(tmp_path):
+    from moe_core.trial import load_trial_config
+
+    t = plan_sweep(sweep(tmp_path)).trials[0]
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(t.config.to_dict()))
+    assert load_trial_config(tmp_path / "trial.yaml") == t.config
+    assert Planner(SweepFile(sweep(tmp_path))).resolve({}, 0).trial_id == t.trial_id
