@@ -78,6 +78,24 @@ def _plan(args: argparse.Namespace) -> None:
         print_plans(plans, Console(width=max(Console().width, 160)), limit=args.limit)
 
 
+def _run(args: argparse.Namespace) -> None:
+    from orchestrator.sweep_runner import RunOptions, run_sweep
+
+    options = RunOptions(
+        runs_dir=args.runs_dir, address=args.address, restart=args.restart, mlflow_uri=args.mlflow_uri,
+        num_cpus=args.num_cpus, dashboard=not args.no_dashboard,
+    )
+    counts = run_sweep(args.sweep, options)
+    if counts.get("failed"):
+        raise SystemExit(1)
+
+
+def _status(args: argparse.Namespace) -> None:
+    from orchestrator.status import print_status
+
+    print_status(args.name, args.runs_dir, Console())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-sweep", description="FLOP-matched MoE sweeps.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (trials, skipped, totals)")
     p.add_argument("--limit", type=int, default=40, help="trials shown per sweep in the table (default 40)")
     p.set_defaults(func=_plan)
+    p = sub.add_parser("run", help="run (or resume) a sweep on Ray: results in runs/<name>/ and MLflow")
+    p.add_argument("sweep", help="sweep YAML")
+    p.add_argument("--runs-dir", default="runs", help="where results go (default: runs)")
+    p.add_argument("--address", help="join a Ray cluster: 'auto', host:port or ray://host:port (default: local Ray)")
+    p.add_argument("--restart", action="store_true", help="delete this sweep's results and start over")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<runs-dir>/mlflow.db)")
+    p.add_argument("--num-cpus", type=float, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("status", help="trials per state, best so far and time left of a sweep")
+    p.add_argument("name", help="sweep name (a folder under --runs-dir)")
+    p.add_argument("--runs-dir", default="runs")
+    p.set_defaults(func=_status)
     p = sub.add_parser("train", help="train one trial config alone (no Ray, no MLflow)")
     p.add_argument("config", help="trial YAML with model, train, data sections")
     p.add_argument("--out", required=True, help="output folder; re-running on it resumes")

@@ -1,0 +1,221 @@
+"""A sweep's result tables: the contract `analysis` reads (schema in docs/results.md).
+
+Layout under `runs/<sweep>/`:
+- `tables/trials/<trial_id>.parquet`: one row per trial (state, resolved parameters, results);
+- `tables/steps/<trial_id>.parquet`: that trial's per-step rows;
+- `trial_runs/<trial_id>/`: the trainer's own folder (config, metrics, checkpoints, summary).
+
+Every file is written to a temporary name and renamed into place, and a trial's row is keyed by
+its id, so after any sequence of crashes and resumes there is exactly one row per trial: the
+latest write wins. Read a table with `read_table(runs, "trials")`, DuckDB
+(`read_parquet('runs/*/tables/trials/*.parquet', union_by_name = true)`) or pandas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Trial states. Terminal ones are never re-run by a resumed sweep; `failed` trials are retried
+# (from their last checkpoint) by the next `moe-sweep run`.
+RUNNING, COMPLETED, DIVERGED, FAILED, STOPPED, INFEASIBLE = "running", "completed", "diverged", "failed", "stopped", "infeasible"
+TERMINAL = frozenset({COMPLETED, DIVERGED, STOPPED, INFEASIBLE})
+STATES = (RUNNING, COMPLETED, DIVERGED, FAILED, STOPPED, INFEASIBLE)
+
+
+class SweepPaths:
+    """Where one sweep's files live."""
+
+    def __init__(self, runs_dir: str | Path, sweep: str) -> None:
+        self.runs = Path(runs_dir).resolve()
+        self.root = self.runs / sweep
+        self.trials = self.root / "tables" / "trials"
+        self.steps = self.root / "tables" / "steps"
+        self.trial_runs = self.root / "trial_runs"
+        self.ray = self.root / "ray"  # Ray Tune's experiment folders
+        self.optuna = self.root / "optuna.db"
+        self.snapshot = self.root / "sweep.yaml"  # the YAML the latest run used
+        self.pids = self.root / "ray_pids.json"
+        self.driver = self.root / "driver.json"
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return self.trial_runs / trial_id
+
+    def make(self) -> None:
+        for p in (self.trials, self.steps, self.trial_runs, self.ray):
+            p.mkdir(parents=True, exist_ok=True)
+
+
+_S, _F, _I = pa.string(), pa.float64(), pa.int64()
+# The trials table's fixed columns and their types, written in every row (null where unknown)
+# so that per-trial files of any state and any sweep read back as one table.
+TRIALS_SCHEMA: dict[str, pa.DataType] = {
+    "trial_id": _S, "sweep": _S, "status": _S, "scale": _S, "seed": _I, "method": _S,
+    "layout": _S, "sparsity": _F, "num_experts": _I, "top_k": _I, "granularity": _F, "expert_sets": _I,
+    "expert_width": _I, "shared_experts": _I, "shared_granularity": _F, "pool_group_size": _I,
+    "router_scoring": _S, "router_block_size": _I, "capacity_factor": _F, "aux_weight": _F, "aux_scope": _S,
+    "pool_weight": _F, "z_weight": _F, "bias_rate": _F, "d_model": _I, "n_layers": _I, "n_heads": _I,
+    "d_ff": _I, "vocab_size": _I, "seq_len": _I, "lr": _F, "batch_tokens": _I, "schedule": _S,
+    "data_source": _S, "tokenizer": _S,
+    "active_params": _I, "total_params": _I, "router_params": _I, "flops_per_token": _I,
+    "router_flops_per_token": _I, "train_tokens": _I, "train_flops": _F,
+    "steps": _I, "tokens": _I, "train_loss": _F, "val_loss": _F, "perplexity": _F,
+    "probe_loss_increase": _F, "probe_json": _S, "wall_seconds": _F, "tokens_per_second": _F,
+    "error": _S, "config_json": _S, "node": _S, "ray_node_id": _S, "updated_at": _F,
+}
+
+
+def _column_name(param: str) -> str:
+    """Swept parameter -> column: `study.sparsity` -> `p_study_sparsity` (SQL-friendly)."""
+    return "p_" + param.replace(".", "_").replace("-", "_")
+
+
+def _param_value(value: Any) -> str | None:
+    """Swept values are labels: stored as strings (`0.25`, `dense`, `null` for None) so a column
+    has one type whatever values the grid mixes; typed copies are the resolved columns."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def resolved_columns(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved trial config as fixed columns every sweep shares (so tables of different
+    sweeps line up), derived from the config dict alone."""
+    model, train = config["model"], config["train"]
+    moe = model.get("moe") or {}
+    sets = moe.get("experts") or []
+    layout = moe.get("layout", "dense")
+    k = sum(s["top_k"] for s in sets)
+    n = sum(s["num_experts"] for s in sets)
+    layers = len(range(moe.get("first_dense_layers", 0), model["n_layers"], moe.get("moe_every", 1)))
+    pools = -(-layers // (moe.get("pool_group_size") or layers)) if layout == "unipool" else layers
+    balance, router = moe.get("balance") or {}, moe.get("router") or {}
+    return {
+        "layout": layout,
+        # S = n / k per layer; a UniPool pool of M experts serving G layers counts as M / G per layer
+        "sparsity": (n * pools / layers / k if layout == "unipool" else n / k) if k else 1.0,
+        "num_experts": n,
+        "top_k": k,
+        "granularity": sets[0]["granularity"] if sets else 1.0,
+        "expert_sets": len(sets),
+        "expert_width": int(round(sets[0]["granularity"] * model["d_ff"])) if sets else model["d_ff"],
+        "shared_experts": moe.get("shared_experts", 0),
+        "shared_granularity": moe.get("shared_granularity", 0.0) if moe.get("shared_experts") else 0.0,
+        "pool_group_size": moe.get("pool_group_size"),
+        "router_scoring": router.get("scoring", "softmax") if sets else None,
+        "router_block_size": router.get("block_size", 1) if sets else None,
+        "capacity_factor": moe.get("capacity_factor"),
+        "aux_weight": balance.get("aux_weight", 0.0) if sets else 0.0,
+        "aux_scope": balance.get("aux_scope") if sets else None,
+        "pool_weight": balance.get("pool_weight", 0.0) if sets else 0.0,
+        "z_weight": balance.get("z_weight", 0.0) if sets else 0.0,
+        "bias_rate": balance.get("bias_rate", 0.0) if sets else 0.0,
+        "d_model": model["d_model"],
+        "n_layers": model["n_layers"],
+        "n_heads": model["n_heads"],
+        "d_ff": model["d_ff"],
+        "vocab_size": model["vocab_size"],
+        "seq_len": model["seq_len"],
+        "lr": train["lr"],
+        "batch_tokens": train["batch_tokens"],
+        "schedule": train["schedule"],
+        "data_source": config["data"]["source"],
+        "tokenizer": config["data"]["tokenizer"],
+    }
+
+
+def base_row(meta: dict[str, Any], status: str) -> dict[str, Any]:
+    """A trials-table row from a planned trial's metadata (see `trial_meta`)."""
+    row: dict[str, Any] = {
+        "trial_id": meta["trial_id"], "sweep": meta["sweep"], "status": status, "scale": meta["scale"],
+        "seed": meta["seed"], "method": meta["method"],
+    }
+    row.update({_column_name(k): _param_value(v) for k, v in meta["params"].items()})
+    row.update(resolved_columns(meta["config"]))
+    for key in ("active_params", "total_params", "router_params", "flops_per_token", "router_flops_per_token",
+                "train_tokens", "train_flops"):
+        row[key] = meta.get(key)
+    row["config_json"] = json.dumps(meta["config"], sort_keys=True)
+    row["node"] = socket.gethostname()
+    row["ray_node_id"] = meta.get("ray_node_id")
+    row["updated_at"] = time.time()
+    return row
+
+
+def finished_row(meta: dict[str, Any], summary: dict[str, Any], status: str, error: str | None = None) -> dict[str, Any]:
+    """The final row of a trial the trainer finished (`summary` is its TrainSummary dict)."""
+    row = base_row(meta, status)
+    row.update({
+        "steps": summary.get("steps"), "tokens": summary.get("tokens"),
+        "train_loss": summary.get("train_loss"), "val_loss": summary.get("val_loss_macro"),
+        "perplexity": summary.get("perplexity"), "wall_seconds": summary.get("wall_seconds"),
+        "tokens_per_second": summary.get("tokens_per_second"), "error": error,
+    })
+    for name, value in (summary.get("val_loss") or {}).items():
+        row[f"val_loss/{name}"] = value
+    probe = summary.get("routing_probe") or {}
+    row["probe_loss_increase"] = probe.get("mean")
+    row["probe_json"] = json.dumps(probe) if probe else None
+    return row
+
+
+def write_row(path: Path, row: dict[str, Any]) -> None:
+    """One trials-table row as a Parquet file, atomically (temporary file, then rename)."""
+    write_rows(path, [row], TRIALS_SCHEMA)
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]], schema: dict[str, pa.DataType] | None = None) -> None:
+    """Rows as one Parquet file, atomically. Columns in `schema` get its types (and are written
+    even when absent); others are inferred, a column of nulls only becoming a string column."""
+    schema = schema or {}
+    columns = list(dict.fromkeys([*schema, *(k for r in rows for k in r)]))
+    arrays = {}
+    for c in columns:
+        values = [_finite(r.get(c)) for r in rows]
+        arrays[c] = pa.array(values, type=schema.get(c) or (_S if all(v is None for v in values) else None))
+    table = pa.table(arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def read_rows(directory: Path) -> list[dict[str, Any]]:
+    """Every row of a per-trial table folder (files that vanish mid-read are skipped)."""
+    rows = []
+    for file in sorted(directory.glob("*.parquet")):
+        try:
+            rows.extend(pq.read_table(file).to_pylist())
+        except (FileNotFoundError, OSError):
+            continue
+    return rows
+
+
+def trial_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
+    """trial_id -> its row, for every trial with a row."""
+    return {r["trial_id"]: r for r in read_rows(paths.trials)}
+
+
+def read_table(runs_dir: str | Path, table: str, sweeps: Iterable[str] | None = None) -> pa.Table:
+    """The `trials` or `steps` table of some (default: all) sweeps under `runs_dir`."""
+    runs = Path(runs_dir)
+    names = list(sweeps) if sweeps is not None else sorted(p.name for p in runs.iterdir() if (p / "tables").is_dir())
+    tables = []
+    for name in names:
+        for file in sorted((runs / name / "tables" / table).glob("*.parquet")):
+            tables.append(pq.read_table(file))
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive")

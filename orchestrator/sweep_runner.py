@@ -1,0 +1,240 @@
+"""`moe-sweep run SWEEP.yaml`: plan the sweep, then run its trials as Ray Tune trials.
+
+Resuming is by trial id. Every run plans the YAML again and hands Tune only the trials without a
+finished row (`results.TERMINAL`); each of those resumes from its own checkpoint in
+`runs/<sweep>/trial_runs/<id>/`. So a second run after the driver was killed re-runs nothing
+that finished and continues what was interrupted, and an extended YAML runs only its new ids.
+Bayesian sweeps keep their Optuna study in `runs/<sweep>/optuna.db` and sample only the points
+still missing. `--restart` deletes the sweep's folder and starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from ray.tune import Callback
+from rich.console import Console
+
+from moe_core.errors import ConfigError
+from orchestrator.live_view import LiveView
+from orchestrator.mlflow_sync import MLflowSync, default_uri
+from orchestrator.planner import Plan, SweepFile, plan_sweep
+from orchestrator.ray_session import cleanup_orphans, start_ray, stop_ray
+from orchestrator.results import FAILED, RUNNING, STOPPED, TERMINAL, SweepPaths, read_rows, trial_states, write_row
+from orchestrator.trial_fn import TrialContext, run_trial, trial_meta
+
+
+# Tune pickles its run config (callbacks included) into its experiment state; the callback holds
+# only a key into this table of driver-side objects (live view, MLflow client), which cannot be pickled.
+_DRIVER_OBJECTS: dict[str, tuple[SweepPaths, LiveView, MLflowSync]] = {}
+
+
+@dataclass
+class RunOptions:
+    runs_dir: str = "runs"
+    address: str | None = None  # None: a local Ray instance
+    restart: bool = False
+    mlflow_uri: str | None = None  # None: sqlite under runs/
+    num_cpus: float | None = None  # local Ray only; None: all cores
+    dashboard: bool = True
+
+
+class ResultsCallback(Callback):
+    """Driver side: keep the live view current, write the rows a trial could not write itself
+    (stopped early by ASHA, or its process died), mirror finished trials to MLflow."""
+
+    def __init__(self, paths: SweepPaths, view: LiveView, mlflow: MLflowSync) -> None:
+        self.key = str(paths.root)
+        _DRIVER_OBJECTS[self.key] = (paths, view, mlflow)
+
+    def _objects(self) -> tuple[SweepPaths, LiveView, MLflowSync]:
+        return _DRIVER_OBJECTS[self.key]
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "moe_trial_id" in result:
+            self._objects()[1].result(result["moe_trial_id"], result)
+
+    def _finish(self, trial: Any, error: bool) -> None:
+        paths, view, mlflow = self._objects()
+        tid = _trial_id(trial)
+        if tid is None:
+            return
+        file = paths.trials / f"{tid}.parquet"
+        rows = read_rows_file(file)
+        row = rows[0] if rows else None
+        if row is not None and row["status"] in (RUNNING, FAILED) and not error:
+            # Tune ended the trial without an error (early stopping): keep its last result.
+            last = trial.last_result or {}
+            row = {**row, "status": STOPPED, "val_loss": last.get("val_loss"), "train_loss": last.get("train_loss"),
+                   "steps": last.get("step"), "tokens": last.get("tokens"), "error": None, "updated_at": time.time()}
+            write_row(file, row)
+        elif row is not None and row["status"] == RUNNING and error:
+            row = {**row, "status": FAILED, "error": _error_of(trial), "updated_at": time.time()}
+            write_row(file, row)
+        view.finished(tid, row["status"] if row else ("failed" if error else "infeasible"), row)
+        mlflow.sync(paths)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, error=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, error=True)
+
+
+def read_rows_file(file: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(file).to_pylist()
+    except (FileNotFoundError, OSError):
+        return []
+
+
+def _trial_id(trial: Any) -> str | None:
+    meta = (trial.config or {}).get("meta")
+    if meta:
+        return meta["trial_id"]
+    return (trial.last_result or {}).get("moe_trial_id")
+
+
+def _error_of(trial: Any) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        return Path(path).read_text()[-4000:] if path else "trial failed"
+    except OSError:
+        return "trial failed"
+
+
+def _prepare_folder(paths: SweepPaths, sweep: SweepFile, restart: bool) -> None:
+    if restart and paths.root.exists():
+        cleanup_orphans(paths.pids)
+        shutil.rmtree(paths.root)
+    paths.make()
+    shutil.copyfile(sweep.path, paths.snapshot)
+
+
+def run_sweep(path: str | Path, options: RunOptions, console: Console | None = None) -> dict[str, int]:
+    """Run (or resume) the sweep in `path`; returns trials per state at the end."""
+    console = console or Console()
+    sweep = SweepFile(path)  # every user mistake is caught here, before any compute
+    plan = plan_sweep(sweep)
+    spec = sweep.spec
+    paths = SweepPaths(options.runs_dir, spec.name)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(paths.root / ".driver.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"another `moe-sweep run` is driving sweep '{spec.name}' ({paths.root})") from None
+    try:
+        cleaned = cleanup_orphans(paths.pids)  # what a killed driver of this sweep left running
+        if cleaned:
+            console.print(f"stopped {cleaned} Ray processes left by a previous driver of this sweep")
+        _prepare_folder(paths, sweep, options.restart)
+        (paths.driver).write_text(json.dumps({"pid": os.getpid(), "started": time.time(), "planned": plan.planned_trials}))
+        return _run(plan, sweep, paths, options, console)
+    finally:
+        lock.release()
+
+
+def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, console: Console) -> dict[str, int]:
+    from ray import tune
+
+    # Tune's console reporter is replaced by the live view (verbose=0 alone still prints a header).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A Bayesian point that cannot be FLOP-matched ends without a result (Optuna: pruned);
+    # Tune's strict check would call that an error.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    spec = sweep.spec
+    states = trial_states(paths)
+    pending = [t for t in plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL]
+    finished = plan.planned_trials - len(pending) if spec.method != "bayes" else 0
+    mlflow = MLflowSync(options.mlflow_uri or default_uri(options.runs_dir), spec.name, spec.description)
+    if options.restart:
+        mlflow.reset()
+    mlflow.sync(paths)  # anything a previous run finished while MLflow was down
+    if spec.method != "bayes" and not pending:
+        console.print(f"{spec.name}: all {plan.planned_trials} trials are finished; nothing to run (--restart starts over)")
+        return _counts(paths)
+
+    session = start_ray(options.address, options.num_cpus, paths.pids, options.dashboard)
+    try:
+        if session.dashboard_url:
+            console.print(f"Ray dashboard: {session.dashboard_url}")
+        r = spec.resources
+        per_trial_cpus = r.cpus * r.workers
+        fit = max(1, int(session.num_cpus // per_trial_cpus)) if per_trial_cpus else 1
+        concurrent = min(spec.max_concurrent or fit, fit)
+        ctx = TrialContext(
+            runs_dir=str(paths.runs), sweep=spec.name, method=spec.method, sweep_file=str(paths.snapshot),
+            seed=spec.seed_list[0], param_names=tuple(spec.parameters), threads=max(1, int(r.cpus)),
+            workers=r.workers, gpus_per_worker=r.gpus, cpus_per_worker=r.cpus,
+        )
+        trainable = tune.with_parameters(run_trial, ctx=ctx)
+        # A multi-worker trial's own process only drives Ray Train's workers, which hold the resources.
+        trial_resources = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": 0}
+        trainable = tune.with_resources(trainable, trial_resources)
+
+        metric = spec.metrics[0]
+        mode = "min" if metric.goal == "minimize" else "max"
+        scheduler = None
+        if spec.early_stopping:
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(
+                metric=metric.name, mode=mode, time_attr="evals", grace_period=spec.early_stopping.grace_period,
+                reduction_factor=spec.early_stopping.reduction_factor, max_t=10**9,
+            )
+        if spec.method == "bayes":
+            from orchestrator.search_space import optuna_searcher, search_space
+
+            searcher, remaining = optuna_searcher(spec, paths)
+            if remaining == 0:
+                console.print(f"{spec.name}: all {spec.trials} points are sampled and finished")
+                return _counts(paths)
+            param_space = search_space(spec)
+            tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
+                                          max_concurrent_trials=concurrent, reuse_actors=True)
+            total = remaining
+        else:
+            param_space = {"meta": tune.grid_search([trial_meta(t, spec.method) for t in pending])}
+            tune_config = tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
+                                          trial_name_creator=lambda t: t.config["meta"]["trial_id"],
+                                          trial_dirname_creator=lambda t: t.config["meta"]["trial_id"])
+            total = len(pending)
+        if finished:
+            console.print(f"{spec.name}: {finished} of {plan.planned_trials} trials already finished; running {total}")
+        view = LiveView(console, spec.name, total, metric.name, metric.goal, session.dashboard_url)
+        run_config = tune.RunConfig(
+            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths.ray), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.retries),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[ResultsCallback(paths, view, mlflow)],
+        )
+        with view:
+            tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
+    finally:
+        stop_ray(session, paths.pids)
+    mlflow.sync(paths)
+    mlflow.close()
+    if mlflow.failed:
+        console.print(f"[yellow]MLflow not updated ({mlflow.failed}); results are in Parquet, "
+                      f"and the next run syncs them[/yellow]")
+    counts = _counts(paths)
+    console.print(f"{spec.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                  + f" -> {paths.root}")
+    return counts
+
+
+def _counts(paths: SweepPaths) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in read_rows(paths.trials):
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts

@@ -1,0 +1,245 @@
+"""What one Ray Tune trial runs: the moe_core trainer on a planned, resolved trial config.
+
+The trial writes its own results (a `running` row when it starts, its final row and steps when it
+ends) so that a crash of the driver loses nothing a trial finished. It trains in
+`runs/<sweep>/trial_runs/<trial_id>/`, so a re-run of the same trial (a Tune retry, or a later
+`moe-sweep run` after the driver was killed) resumes from the trainer's last checkpoint. Each
+evaluation is reported to Tune (for search and early stopping) with the checkpoint written at that
+step, if any, as a Tune checkpoint. Trials with several workers run data-parallel through Ray
+Train's `TorchTrainer` (gloo on CPU, nccl on GPU) inside the Tune trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.results import FAILED, INFEASIBLE, RUNNING, SweepPaths, base_row, finished_row, write_row, write_rows
+
+# Keys of the trainer's step rows that are reported to Tune (names with '/' are per-set or
+# per-layer detail: they go to the steps table only).
+_REPORT_EXCLUDE = ("routing/", "val_loss/")
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares (passed once through the object store)."""
+
+    runs_dir: str
+    sweep: str
+    method: str
+    sweep_file: str  # the snapshot of the sweep YAML (bayes trials resolve their point from it)
+    seed: int  # bayes: the training seed of every point
+    param_names: tuple[str, ...]
+    threads: int  # torch threads per worker (the trial's CPUs)
+    workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float
+
+
+def trial_meta(planned: Any, method: str) -> dict[str, Any]:
+    """A planned trial as the plain dict trials carry and the trials table is built from."""
+    return {**planned.to_dict(), "method": method}
+
+
+def infeasible_id(point: dict[str, Any]) -> str:
+    canonical = json.dumps(point, sort_keys=True, default=str)
+    return "x" + hashlib.sha256(canonical.encode()).hexdigest()[:11]
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune function trainable."""
+    from ray import tune
+
+    from orchestrator.planner import Planner, SweepFile
+    from orchestrator.study import Infeasible
+
+    paths = SweepPaths(ctx.runs_dir, ctx.sweep)
+    if "meta" in config:
+        meta = config["meta"]
+    else:  # bayes: resolve the sampled point into a FLOP-matched trial here
+        point = {name: config[name] for name in ctx.param_names}
+        try:
+            planned = Planner(SweepFile(ctx.sweep_file)).resolve(point, ctx.seed)
+        except Infeasible as why:
+            tid = infeasible_id(point)
+            write_row(paths.trials / f"{tid}.parquet", {
+                "trial_id": tid, "sweep": ctx.sweep, "status": INFEASIBLE, "method": ctx.method, "seed": ctx.seed,
+                **{"p_" + k.replace(".", "_"): str(v) for k, v in point.items()}, "error": str(why),
+            })
+            return  # no result: Optuna records the point as pruned, i.e. infeasible
+        meta = trial_meta(planned, ctx.method)
+    tid = meta["trial_id"]
+    out = paths.trial_dir(tid)
+    meta = {**meta, "ray_node_id": _node_id()}
+    write_row(paths.trials / f"{tid}.parquet", base_row(meta, RUNNING))
+    try:
+        _restore_tune_checkpoint(tune.get_checkpoint(), out / "checkpoints")
+        summary = _train(meta, out, ctx)
+    except Exception as err:  # recorded, then re-raised so Tune applies the retry policy
+        _write_steps(paths, tid, out)
+        write_row(paths.trials / f"{tid}.parquet", finished_row(meta, {}, FAILED, _error_text(err)))
+        raise
+    _write_steps(paths, tid, out)
+    write_row(paths.trials / f"{tid}.parquet", finished_row(meta, summary, summary["status"]))
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not inside Ray (a direct call in a test)
+        return None
+
+
+def _error_text(err: BaseException) -> str:
+    lines = traceback.format_exception(type(err), err, err.__traceback__)
+    return (f"{type(err).__name__}: {err}\n" + "".join(lines[-6:]))[:4000]
+
+
+def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]:
+    import torch
+
+    from moe_core.train.loop import train_trial
+    from moe_core.trial import TrialConfig
+
+    trial = TrialConfig.from_dict(meta["config"])
+    if ctx.workers > 1:
+        return _train_data_parallel(meta, out, ctx)
+    torch.set_num_threads(max(1, ctx.threads))
+    reporter = TuneReporter(meta["trial_id"], trial.train.checkpoint_every, trial.total_steps)
+    return train_trial(trial, out, callbacks=[reporter]).to_dict()
+
+
+def _write_steps(paths: SweepPaths, tid: str, out: Path) -> None:
+    import pyarrow.parquet as pq
+
+    metrics = out / "metrics.parquet"
+    if not metrics.exists():
+        return
+    rows = pq.read_table(metrics).to_pylist()
+    write_rows(paths.steps / f"{tid}.parquet", [{"trial_id": tid, **r} for r in rows])
+
+
+def _restore_tune_checkpoint(checkpoint: Any, target: Path) -> None:
+    """Bring a Tune checkpoint into the trial folder when it is newer than what is there (the
+    trial folder is on shared storage; this covers a retry placed where it is not)."""
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as src:
+        src = Path(src)
+        if not (src / "latest").exists():
+            return
+        theirs = (src / "latest").read_text().strip()
+        ours = (target / "latest").read_text().strip() if (target / "latest").exists() else ""
+        if theirs > ours:  # names are step%08d.pt: string order is step order
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / theirs, target / theirs)
+            (target / "latest").write_text(theirs)
+
+
+def _report_metrics(tid: str, evals: int, row: dict[str, Any]) -> dict[str, Any]:
+    out = {"moe_trial_id": tid, "evals": evals}
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not key.startswith(_REPORT_EXCLUDE):
+            out[key] = value
+    return out
+
+
+class TuneReporter:
+    """Trainer callback: report each evaluation to Tune, with the checkpoint of that step."""
+
+    def __init__(self, trial_id: str, checkpoint_every: int, total_steps: int) -> None:
+        self.trial_id, self.every, self.total = trial_id, checkpoint_every, total_steps
+        self.evals = 0
+        self.pending: dict[str, Any] | None = None
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.evals += 1
+
+    def on_step(self, step: int, row: dict[str, Any], model: Any) -> None:
+        if "val_loss" not in row:
+            return
+        self.pending = _report_metrics(self.trial_id, self.evals, row)
+        checkpoint_now = step == self.total or (self.every and step % self.every == 0)
+        if not checkpoint_now:  # else on_checkpoint reports, with the checkpoint
+            self._report(None)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        if self.pending is not None and self.pending.get("step") == step:
+            self._report(path)
+
+    def _report(self, checkpoint_file: Path | None) -> None:
+        from ray import tune
+
+        metrics, self.pending = self.pending, None
+        if checkpoint_file is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:  # only the newest checkpoint, not the history
+            shutil.copy2(checkpoint_file, Path(tmp) / checkpoint_file.name)
+            (Path(tmp) / "latest").write_text(checkpoint_file.name)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+class TrainReporter:
+    """Trainer callback on Ray Train workers: every rank reports each evaluation (rank 0's
+    metrics reach Tune through `TuneReportCallback`)."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id, self.evals = trial_id, 0
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.evals += 1
+
+    def on_step(self, step: int, row: dict[str, Any], model: Any) -> None:
+        if "val_loss" in row:
+            import ray.train
+
+            ray.train.report(_report_metrics(self.trial_id, self.evals, row))
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """Runs on each Ray Train worker; the process group is already initialised."""
+    import torch
+
+    from moe_core.train.loop import train_trial
+    from moe_core.trial import TrialConfig
+
+    torch.set_num_threads(max(1, config["threads"]))
+    trial = TrialConfig.from_dict(config["trial"])
+    train_trial(trial, config["out"], callbacks=[TrainReporter(config["trial_id"])])
+
+
+def _train_data_parallel(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    tid = meta["trial_id"]
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"trial": meta["config"], "out": str(out), "trial_id": tid, "threads": int(ctx.cpus_per_worker)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0,
+            resources_per_worker={"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{tid}-train", storage_path=str(SweepPaths(ctx.runs_dir, ctx.sweep).ray / "train"),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()  # raises TrainingFailedError if a worker failed
+    summary = json.loads((out / "summary.json").read_text())
+    return summary
+
