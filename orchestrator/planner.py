@@ -320,6 +320,11 @@ class Planner:
             self._check_alignment(model, point, context)
         trial_dict = {"model": model, "train": tree.get("train") or {}, "data": tree.get("data") or {}, "seed": seed}
         trial = self._build(TrialConfig, trial_dict, "", point, context)
+        workers = spec.resources.workers
+        if trial.accumulation_steps % workers:
+            raise self._error("train.batch_tokens", f"{trial.accumulation_steps} micro-batches per step cannot be split "
+                              f"over resources.workers = {workers}; make batch_tokens a multiple of "
+                              f"{workers} * micro_batch_size * seq_len{context}", point)
         counts = count_params(trial.model)
         if spec.max_total_params is not None and counts.total > spec.max_total_params:
             raise Infeasible(f"{counts.total / 1e9:.2f}B total parameters exceed max_total_params {spec.max_total_params / 1e9:g}B")

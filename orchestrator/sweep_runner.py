@@ -11,6 +11,7 @@ still missing. `--restart` deletes the sweep's folder and starts over.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -152,6 +153,9 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
     # A Bayesian point that cannot be FLOP-matched ends without a result (Optuna: pruned);
     # Tune's strict check would call that an error.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Trial errors are recorded in the trials table and shown by the live view; Tune's own
+    # log lines (a traceback per failed attempt) would bury the view.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     spec = sweep.spec
     states = trial_states(paths)
     pending = [t for t in plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL]
@@ -178,8 +182,9 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
             workers=r.workers, gpus_per_worker=r.gpus, cpus_per_worker=r.cpus,
         )
         trainable = tune.with_parameters(run_trial, ctx=ctx)
-        # A multi-worker trial's own process only drives Ray Train's workers, which hold the resources.
-        trial_resources = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": 0}
+        # A multi-worker trial's own process only drives Ray Train's workers, which hold the
+        # resources; Tune needs a non-empty request, so it asks for a token amount of memory.
+        trial_resources = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": 0, "memory": 1}
         trainable = tune.with_resources(trainable, trial_resources)
 
         metric = spec.metrics[0]

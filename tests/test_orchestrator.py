@@ -205,7 +205,8 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, cache):
 
 def test_two_worker_trial_runs_data_parallel(tmp_path, cache):
     path = sweep_yaml(tmp_path, cache, "study.sparsity: {values: [4]}\n", name="dp")
-    path.write_text(path.read_text().replace("resources: {cpus: 1}", "resources: {cpus: 1, workers: 2}"))
+    path.write_text(path.read_text().replace("resources: {cpus: 1}", "resources: {cpus: 1, workers: 2}")
+                    .replace("batch_tokens: 1024", "batch_tokens: 2048"))
     counts = run_sweep(path, options(tmp_path), quiet())
     assert counts == {"completed": 1}
     row = read_rows(SweepPaths(tmp_path / "runs", "dp").trials)[0]

@@ -216,6 +216,7 @@ def test_trial_ids_stable_across_replans_key_order_and_extension(tmp_path):
     (BASE + "trials: 4\n", "trials is for method random or bayes"),
     (BASE.replace("method: grid", "method: bayes"), "method 'bayes' needs trials"),
     (BASE + "base2: 1\n", "base2: unknown key; did you mean 'base'?"),
+    (BASE + "resources: {workers: 3}\n", "sweep.yaml:6: train.batch_tokens: 2 micro-batches per step cannot be split over resources.workers = 3"),
     ("name: t\nbase: [1, 2\n", "invalid YAML"),
 ])
 def test_user_mistakes_name_file_line_and_key(tmp_path, text, needle):
