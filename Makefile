@@ -1,10 +1,10 @@
-# Two commands do all set-up on a fresh machine:  `make demo` (main job) and `make test`.
+# Two commands do all set-up on a fresh machine:  `make quickstart` (main job) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel on CPU machines; on a GPU box pass e.g. TORCH="torch==2.13.0" from a CUDA index.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench
+.PHONY: setup quickstart demo test bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+quickstart: setup
+	$(VENV)/bin/moe-sweep run sweeps/quickstart.yaml
 
 demo: setup
 	$(VENV)/bin/moe-sweep demo

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import queue
+import threading
 import time
+from dataclasses import dataclass
 import warnings
 from pathlib import Path
 from typing import Any
 
-from orchestrator.results import TERMINAL, SweepPaths, read_rows
+from orchestrator.results import TERMINAL, SweepPaths, read_rows, read_rows_of
 
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _SKIP_PARAMS = ("config_json", "probe_json", "error", "node", "updated_at", "status", "trial_id")
@@ -27,10 +31,18 @@ def default_uri(runs_dir: str | Path) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
+@dataclass
+class _Logged:
+    run_id: str
+    status: str | None
+    logged: bool = True
+
+
 class MLflowSync:
     def __init__(self, uri: str, sweep: str, description: str = "") -> None:
         self.uri, self.sweep, self.description = uri, sweep, description
         self.client: Any = None
+        self._runs: dict[str, _Logged] | None = None
         self.parent_id: str | None = None
         self.failed: str | None = None
 
@@ -40,6 +52,8 @@ class MLflowSync:
         if self.client is not None:
             return True
         try:
+            # No usage telemetry: nothing outside the cluster is contacted.
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for name in ("mlflow", "alembic"):  # schema-creation chatter on a new store
@@ -75,35 +89,77 @@ class MLflowSync:
         try:
             for run in self.client.search_runs([self.exp_id], "tags.`moe_sweep.role` = 'trial'", max_results=50000):
                 self.client.delete_run(run.info.run_id)
+            self._runs = {}
         except Exception as err:
             self._fail(err)
 
-    def sync(self, paths: SweepPaths) -> int:
-        """Log every finished trial that MLflow does not have yet; returns how many were logged."""
+    def _logged(self) -> dict[str, Any]:
+        """trial_id -> its child run, read once per driver (then kept up to date here)."""
+        if self._runs is None:
+            self._runs = {
+                r.data.tags.get("trial_id"): _Logged(r.info.run_id, r.data.tags.get("status"), r.data.tags.get("logged") == "1")
+                for r in self.client.search_runs([self.exp_id], "tags.`moe_sweep.role` = 'trial'", max_results=50000)
+            }
+        return self._runs
+
+    # -- background logging: the Tune loop only enqueues trial ids -----------------------------
+    def start_background(self, paths: SweepPaths) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._drain, args=(paths,), name="mlflow-sync", daemon=True)
+        self._thread.start()
+
+    def submit(self, trial_id: str) -> None:
+        self._queue.put(trial_id)
+
+    def _drain(self, paths: SweepPaths) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            ids = [t for t in batch if t is not None]
+            if ids:
+                self.sync(paths, ids)
+            if None in batch:
+                return
+
+    def stop_background(self) -> None:
+        """Log what is queued, then stop the thread."""
+        if getattr(self, "_thread", None) is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def sync(self, paths: SweepPaths, trial_ids: list[str] | None = None) -> int:
+        """Log finished trials (all of the sweep's, or `trial_ids`) that MLflow does not have yet;
+        returns how many were logged."""
         if not self._connect():
             return 0
         logged = 0
         try:
-            existing = {
-                r.data.tags.get("trial_id"): r
-                for r in self.client.search_runs([self.exp_id], "tags.`moe_sweep.role` = 'trial'", max_results=50000)
-            }
-            for row in read_rows(paths.trials):
+            if trial_ids is None:
+                rows = read_rows(paths.trials)
+            else:
+                rows = [r for tid in trial_ids for r in read_rows_of(paths.trials / f"{tid}.parquet")]
+            runs = self._logged()
+            for row in rows:
                 if row.get("status") not in TERMINAL and row.get("status") != "failed":
                     continue
-                run = existing.get(row["trial_id"])
-                if run is not None and run.data.tags.get("logged") == "1" and run.data.tags.get("status") == row["status"]:
+                run = runs.get(row["trial_id"])
+                if run is not None and run.logged and run.status == row["status"]:
                     continue
                 if run is not None:
-                    self.client.delete_run(run.info.run_id)
-                self._log_trial(row, paths)
+                    self.client.delete_run(run.run_id)
+                runs[row["trial_id"]] = self._log_trial(row, paths)
                 logged += 1
         except Exception as err:
             self._fail(err)
         return logged
 
-    def _log_trial(self, row: dict[str, Any], paths: SweepPaths) -> None:
-        from mlflow.entities import Metric, Param
+    def _log_trial(self, row: dict[str, Any], paths: SweepPaths) -> Any:
+        """One child run in three calls: create (tags), one batch (params, metrics, the `logged`
+        tag last written with them), terminate. Step histories over 1000 values take more batches."""
+        from mlflow.entities import Metric, Param, RunTag
 
         tid = row["trial_id"]
         run = self.client.create_run(self.exp_id, run_name=tid, tags={
@@ -121,14 +177,17 @@ class MLflowSync:
             else:
                 params.append(Param(key, str(value)[:500]))
         metrics += self._step_metrics(paths.steps / f"{tid}.parquet")
-        for i in range(0, max(len(params), 1), 100):
+        tags = [RunTag("error", str(row["error"])[:5000])] if row.get("error") else []
+        # Everything but the last batch first; the last carries the `logged` tag, so a run
+        # interrupted half-way is never taken for a complete one.
+        chunks = [metrics[i:i + BATCH] for i in range(0, len(metrics), BATCH)] or [[]]
+        for chunk in chunks[:-1]:
+            self.client.log_batch(run_id, metrics=chunk)
+        for i in range(100, len(params), 100):
             self.client.log_batch(run_id, params=params[i:i + 100])
-        for i in range(0, len(metrics), BATCH):
-            self.client.log_batch(run_id, metrics=metrics[i:i + BATCH])
-        if row.get("error"):
-            self.client.set_tag(run_id, "error", str(row["error"])[:5000])
-        self.client.set_tag(run_id, "logged", "1")
+        self.client.log_batch(run_id, metrics=chunks[-1], params=params[:100], tags=tags + [RunTag("logged", "1")])
         self.client.set_terminated(run_id, "FINISHED" if row["status"] in ("completed", "stopped", "infeasible") else "FAILED")
+        return _Logged(run_id, row["status"])
 
     @staticmethod
     def _step_metrics(path: Path) -> list:

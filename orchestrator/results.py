@@ -40,6 +40,7 @@ class SweepPaths:
         self.trials = self.root / "tables" / "trials"
         self.steps = self.root / "tables" / "steps"
         self.trial_runs = self.root / "trial_runs"
+        self.plan = self.root / "plan"  # <trial_id>.json: what each planned trial runs
         self.ray = self.root / "ray"  # Ray Tune's experiment folders
         self.optuna = self.root / "optuna.db"
         self.snapshot = self.root / "sweep.yaml"  # the YAML the latest run used
@@ -50,7 +51,7 @@ class SweepPaths:
         return self.trial_runs / trial_id
 
     def make(self) -> None:
-        for p in (self.trials, self.steps, self.trial_runs, self.ray):
+        for p in (self.trials, self.steps, self.trial_runs, self.ray, self.plan):
             p.mkdir(parents=True, exist_ok=True)
 
 
@@ -192,15 +193,17 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def read_rows_of(file: Path) -> list[dict[str, Any]]:
+    """The rows of one per-trial file ([] if it does not exist)."""
+    try:
+        return pq.read_table(file).to_pylist()
+    except (FileNotFoundError, OSError):
+        return []
+
+
 def read_rows(directory: Path) -> list[dict[str, Any]]:
     """Every row of a per-trial table folder (files that vanish mid-read are skipped)."""
-    rows = []
-    for file in sorted(directory.glob("*.parquet")):
-        try:
-            rows.extend(pq.read_table(file).to_pylist())
-        except (FileNotFoundError, OSError):
-            continue
-    return rows
+    return [row for file in sorted(directory.glob("*.parquet")) for row in read_rows_of(file)]
 
 
 def trial_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:

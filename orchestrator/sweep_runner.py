@@ -28,7 +28,7 @@ from orchestrator.live_view import LiveView
 from orchestrator.mlflow_sync import MLflowSync, default_uri
 from orchestrator.planner import Plan, SweepFile, plan_sweep
 from orchestrator.ray_session import cleanup_orphans, start_ray, stop_ray
-from orchestrator.results import FAILED, RUNNING, STOPPED, TERMINAL, SweepPaths, read_rows, trial_states, write_row
+from orchestrator.results import FAILED, RUNNING, STOPPED, TERMINAL, SweepPaths, read_rows, read_rows_of, trial_states, write_row
 from orchestrator.trial_fn import TrialContext, run_trial, trial_meta
 
 
@@ -45,6 +45,7 @@ class RunOptions:
     mlflow_uri: str | None = None  # None: sqlite under runs/
     num_cpus: float | None = None  # local Ray only; None: all cores
     dashboard: bool = True
+    noop: bool = False  # trials skip training (bench/orchestrator_overhead.py measures the rest)
 
 
 class ResultsCallback(Callback):
@@ -68,7 +69,7 @@ class ResultsCallback(Callback):
         if tid is None:
             return
         file = paths.trials / f"{tid}.parquet"
-        rows = read_rows_file(file)
+        rows = read_rows_of(file)
         row = rows[0] if rows else None
         if row is not None and row["status"] in (RUNNING, FAILED) and not error:
             # Tune ended the trial without an error (early stopping): keep its last result.
@@ -80,7 +81,7 @@ class ResultsCallback(Callback):
             row = {**row, "status": FAILED, "error": _error_of(trial), "updated_at": time.time()}
             write_row(file, row)
         view.finished(tid, row["status"] if row else ("failed" if error else "infeasible"), row)
-        mlflow.sync(paths)
+        mlflow.submit(tid)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, error=False)
@@ -89,20 +90,14 @@ class ResultsCallback(Callback):
         self._finish(trial, error=True)
 
 
-def read_rows_file(file: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(file).to_pylist()
-    except (FileNotFoundError, OSError):
-        return []
-
-
 def _trial_id(trial: Any) -> str | None:
-    meta = (trial.config or {}).get("meta")
-    if meta:
-        return meta["trial_id"]
-    return (trial.last_result or {}).get("moe_trial_id")
+    return (trial.config or {}).get("trial_id") or (trial.last_result or {}).get("moe_trial_id")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def _error_of(trial: Any) -> str:
@@ -179,7 +174,7 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
         ctx = TrialContext(
             runs_dir=str(paths.runs), sweep=spec.name, method=spec.method, sweep_file=str(paths.snapshot),
             seed=spec.seed_list[0], param_names=tuple(spec.parameters), threads=max(1, int(r.cpus)),
-            workers=r.workers, gpus_per_worker=r.gpus, cpus_per_worker=r.cpus,
+            workers=r.workers, gpus_per_worker=r.gpus, cpus_per_worker=r.cpus, noop=options.noop,
         )
         trainable = tune.with_parameters(run_trial, ctx=ctx)
         # A multi-worker trial's own process only drives Ray Train's workers, which hold the
@@ -209,10 +204,14 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
                                           max_concurrent_trials=concurrent, reuse_actors=True)
             total = remaining
         else:
-            param_space = {"meta": tune.grid_search([trial_meta(t, spec.method) for t in pending])}
+            # Tune's configs carry only trial ids (its experiment state is saved often, and grows
+            # with config size); each trial reads its resolved plan from runs/<sweep>/plan/.
+            for t in pending:
+                _write_json(paths.plan / f"{t.trial_id}.json", trial_meta(t, spec.method))
+            param_space = {"trial_id": tune.grid_search([t.trial_id for t in pending])}
             tune_config = tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
-                                          trial_name_creator=lambda t: t.config["meta"]["trial_id"],
-                                          trial_dirname_creator=lambda t: t.config["meta"]["trial_id"])
+                                          trial_name_creator=lambda t: t.config["trial_id"],
+                                          trial_dirname_creator=lambda t: t.config["trial_id"])
             total = len(pending)
         if finished:
             console.print(f"{spec.name}: {finished} of {plan.planned_trials} trials already finished; running {total}")
@@ -223,8 +222,12 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[ResultsCallback(paths, view, mlflow)],
         )
-        with view:
-            tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
+        mlflow.start_background(paths)
+        try:
+            with view:
+                tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
+        finally:
+            mlflow.stop_background()
     finally:
         stop_ray(session, paths.pids)
     mlflow.sync(paths)

@@ -41,6 +41,7 @@ class TrialContext:
     workers: int
     gpus_per_worker: float
     cpus_per_worker: float
+    noop: bool = False  # skip training: the orchestrator's own overhead, for benchmarks
 
 
 def trial_meta(planned: Any, method: str) -> dict[str, Any]:
@@ -61,8 +62,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from orchestrator.study import Infeasible
 
     paths = SweepPaths(ctx.runs_dir, ctx.sweep)
-    if "meta" in config:
-        meta = config["meta"]
+    if "trial_id" in config:  # grid / random: the driver wrote the resolved plan
+        meta = json.loads((paths.plan / f"{config['trial_id']}.json").read_text())
     else:  # bayes: resolve the sampled point into a FLOP-matched trial here
         point = {name: config[name] for name in ctx.param_names}
         try:
@@ -111,6 +112,11 @@ def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]
     from moe_core.trial import TrialConfig
 
     trial = TrialConfig.from_dict(meta["config"])
+    if ctx.noop:
+        from ray import tune
+
+        tune.report({"moe_trial_id": meta["trial_id"], "evals": 1, "step": 0, "val_loss": 0.0})
+        return {"status": "completed", "steps": 0, "tokens": 0, "val_loss": {}, "val_loss_macro": 0.0}
     if ctx.workers > 1:
         return _train_data_parallel(meta, out, ctx)
     torch.set_num_threads(max(1, ctx.threads))
