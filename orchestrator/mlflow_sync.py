@@ -54,6 +54,9 @@ class MLflowSync:
         try:
             # No usage telemetry: nothing outside the cluster is contacted.
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            # An unreachable server should cost seconds, not MLflow's default minutes of retries.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for name in ("mlflow", "alembic"):  # schema-creation chatter on a new store

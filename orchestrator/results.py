@@ -196,7 +196,7 @@ def _finite(value: Any) -> Any:
 def read_rows_of(file: Path) -> list[dict[str, Any]]:
     """The rows of one per-trial file ([] if it does not exist)."""
     try:
-        return pq.read_table(file).to_pylist()
+        return pq.ParquetFile(file).read().to_pylist()  # no dataset discovery: 2,000 files add up
     except (FileNotFoundError, OSError):
         return []
 

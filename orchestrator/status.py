@@ -54,10 +54,9 @@ def print_status(name: str, runs_dir: str | Path, console: Console) -> None:
                       + ", ".join(f"{k[2:]}={v}" for k, v in best.items() if k.startswith("p_")))
     if driver.get("started"):
         elapsed = time.time() - driver["started"]
-        walls = [r["wall_seconds"] for r in completed if r.get("wall_seconds")]
         left = planned - done
         line = f"elapsed {elapsed / 60:.1f} min since the latest run started"
-        if walls and alive and done:
-            rate = elapsed / max(1, done - int(driver.get("finished_before", 0)) or 1)
-            line += f"; about {left * rate / 60:.1f} min left for {left} trials"
+        finished_now = done - int(driver.get("finished_before", 0))
+        if alive and finished_now > 0 and left > 0:  # at this run's pace so far
+            line += f"; about {left * elapsed / finished_now / 60:.1f} min left for {left} trials"
         console.print(line)

@@ -134,7 +134,9 @@ def run_sweep(path: str | Path, options: RunOptions, console: Console | None = N
         if cleaned:
             console.print(f"stopped {cleaned} Ray processes left by a previous driver of this sweep")
         _prepare_folder(paths, sweep, options.restart)
-        (paths.driver).write_text(json.dumps({"pid": os.getpid(), "started": time.time(), "planned": plan.planned_trials}))
+        finished = sum(r["status"] in TERMINAL for r in trial_states(paths).values())
+        _write_json(paths.driver, {"pid": os.getpid(), "started": time.time(), "planned": plan.planned_trials,
+                                   "finished_before": finished})
         return _run(plan, sweep, paths, options, console)
     finally:
         lock.release()

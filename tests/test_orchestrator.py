@@ -89,7 +89,7 @@ def test_grid_sweep_with_a_failing_trial(tmp_path, cache):
             assert row["vocab_size"] == 200 and "vocab_size (200) is smaller" in row["error"]
         else:
             assert row["steps"] == 6 and row["val_loss"] > 0 and row["error"] is None
-            assert row["active_params"] == next(iter(rows.values()))["active_params"]
+    assert len({r["active_params"] for r in rows.values() if r["vocab_size"] == 300}) == 1  # FLOP-matched
     steps = read_table(tmp_path / "runs", "steps").to_pylist()
     done = [tid for tid, r in rows.items() if r["status"] == "completed"]
     for tid in done:
@@ -218,3 +218,23 @@ def test_two_worker_trial_runs_data_parallel(tmp_path, cache):
     assert row["val_loss"] == pytest.approx(single.val_loss_macro, rel=1e-4)
     world = [s for s in (tmp_path / "runs" / "dp" / "ray").rglob("*") if s.name.startswith("dp") or "train" in s.name]
     assert world, "Ray Train ran the trial"
+
+
+def test_mlflow_down_loses_nothing_and_status_reports(tmp_path, cache, capsys):
+    from orchestrator.cli import main
+
+    path = sweep_yaml(tmp_path, cache, "study.sparsity: {values: [2, 4]}\n", name="m")
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))
+    counts = run_sweep(path, options(tmp_path, mlflow_uri="http://127.0.0.1:9"), console)
+    assert counts == {"completed": 2}
+    assert "MLflow not updated" in console.export_text()
+    runs = tmp_path / "runs"
+    assert not (runs / "mlflow.db").exists()
+    # The next run finds nothing to train and logs the finished trials to the (default) store.
+    run_sweep(path, options(tmp_path), quiet())
+    assert set(_mlflow_trials(runs, "m")) == {r["trial_id"] for r in read_rows(SweepPaths(runs, "m").trials)}
+    assert main(["status", "m", "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "completed" in out and "best val_loss" in out
+    assert main(["status", "nope", "--runs-dir", str(runs)]) == 2
+    assert "no sweep 'nope'" in capsys.readouterr().err
