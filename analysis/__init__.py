@@ -1,1 +1,6 @@
-"""analysis: reads result tables (Parquet) and reports the study's findings. Imports no torch."""
+"""analysis: SQL and pandas over the sweeps' result tables, and the study's findings as figures and
+an HTML report. Reads Parquet only; imports no torch (a test checks)."""
+
+from analysis.tables import AnalysisError, connect, load_steps, load_trials, query, sweeps
+
+__all__ = ["AnalysisError", "connect", "load_steps", "load_trials", "query", "sweeps"]

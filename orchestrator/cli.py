@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_core.accounting import count_params
+from analysis.tables import AnalysisError
 from moe_core.errors import ConfigError
 from moe_core.train.checkpoint import CheckpointError
 from moe_core.yaml_io import load_model_config
@@ -96,6 +97,43 @@ def _status(args: argparse.Namespace) -> None:
     print_status(args.name, args.runs_dir, Console())
 
 
+def _query(args: argparse.Namespace) -> None:
+    from analysis.tables import query
+
+    df = query(args.sql, args.runs_dir, args.sweep)
+    if args.format == "csv":
+        print(df.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(df.to_json(orient="records", indent=1))
+    elif args.format == "parquet":
+        if not args.out:
+            raise ConfigError("--format parquet needs --out FILE")
+        df.to_parquet(args.out, index=False)
+        print(f"{len(df)} rows -> {args.out}")
+    else:
+        table = Table(show_lines=False)
+        for col in df.columns:
+            table.add_column(str(col), overflow="fold")
+        for row in df.head(args.limit).itertuples(index=False):
+            table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+        Console(width=max(Console().width, 160)).print(table)
+        if len(df) > args.limit:
+            print(f"... {len(df) - args.limit} more rows (--limit N, or --format csv)")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from analysis.report import write_report
+    from analysis.tables import load_steps, load_trials, sweeps
+
+    if not args.all and not args.name:
+        raise ConfigError("give a sweep NAME or --all")
+    names = sweeps(args.runs_dir) if args.all else [args.name]
+    trials, steps = load_trials(args.runs_dir, names), load_steps(args.runs_dir, names)
+    title = "All sweeps" if args.all else f"Sweep {args.name}"
+    path = write_report(trials, steps, args.out, f"{title}: MoE design findings ({len(trials)} trials)")
+    Console().print(f"report -> {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-sweep", description="FLOP-matched MoE sweeps.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="sweep name (a folder under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
     p.set_defaults(func=_status)
+    p = sub.add_parser("query", help="DuckDB SQL over the result tables (views: trials, steps)")
+    p.add_argument("sql", help="e.g. \"select layout, avg(val_loss) from trials group by 1\"")
+    p.add_argument("--sweep", help="one sweep (default: every sweep under --runs-dir)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    p.add_argument("--out", help="output file for --format parquet")
+    p.add_argument("--limit", type=int, default=50, help="rows shown as a table (default 50)")
+    p.set_defaults(func=_query)
+    p = sub.add_parser("report", help="the study's findings as figures and an HTML page")
+    p.add_argument("name", nargs="?", help="sweep name")
+    p.add_argument("--all", action="store_true", help="every sweep under --runs-dir together")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--out", required=True, help="output folder (index.html and PNGs)")
+    p.set_defaults(func=_report)
     p = sub.add_parser("train", help="train one trial config alone (no Ray, no MLflow)")
     p.add_argument("config", help="trial YAML with model, train, data sections")
     p.add_argument("--out", required=True, help="output folder; re-running on it resumes")
@@ -139,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, AnalysisError) as err:
         print(f"moe-sweep: error: {err}", file=sys.stderr)
         return 2
     return 0

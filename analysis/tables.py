@@ -1,0 +1,73 @@
+"""SQL and pandas over the sweeps' result tables (schema: docs/results.md). No torch here.
+
+DuckDB reads the per-trial Parquet files in place; views `trials` and `steps` cover every sweep
+under the runs folder, or one. Files of different sweeps may differ in extra columns
+(`val_loss/<set>`, routing statistics): they are unioned by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+
+class AnalysisError(ValueError):
+    """A user mistake (a missing sweep, bad SQL): the message is one line."""
+
+
+def sweeps(runs_dir: str | Path = "runs") -> list[str]:
+    """Sweeps with result tables under `runs_dir`."""
+    runs = Path(runs_dir)
+    if not runs.is_dir():
+        return []
+    return sorted(p.name for p in runs.iterdir() if any((p / "tables" / "trials").glob("*.parquet")))
+
+
+def _files(runs_dir: str | Path, table: str, sweep: str | list[str] | None) -> list[str]:
+    runs = Path(runs_dir)
+    known = sweeps(runs)
+    names = known if sweep is None else ([sweep] if isinstance(sweep, str) else list(sweep))
+    missing = [n for n in names if n not in known]
+    if missing:
+        have = f"; sweeps there: {', '.join(known)}" if known else " (no sweeps there yet: run `moe-sweep run`)"
+        raise AnalysisError(f"no results for sweep '{missing[0]}' under {runs}{have}")
+    if not names:
+        raise AnalysisError(f"no sweep results under {runs} (run `moe-sweep run SWEEP.yaml` first)")
+    return [str(f) for n in names for f in sorted((runs / n / "tables" / table).glob("*.parquet"))]
+
+
+def connect(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with views `trials` and `steps`."""
+    con = duckdb.connect()
+    for table in ("trials", "steps"):
+        files = _files(runs_dir, table, sweep)
+        if files:
+            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            con.execute(f"create view {table} as select * from read_parquet([{listing}], union_by_name = true)")
+        else:
+            con.execute(f"create view {table} as select null::varchar as trial_id where false")
+    return con
+
+
+def query(sql: str, runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> pd.DataFrame:
+    """Run DuckDB SQL over the views `trials` and `steps`; a pandas DataFrame."""
+    con = connect(runs_dir, sweep)
+    try:
+        return con.execute(sql).df()
+    except duckdb.Error as err:
+        first = str(err).strip().splitlines()[0]
+        raise AnalysisError(f"SQL error: {first}") from None
+    finally:
+        con.close()
+
+
+def load_trials(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> pd.DataFrame:
+    """The trials table (one row per trial) of one, several or all sweeps."""
+    return query("select * from trials", runs_dir, sweep)
+
+
+def load_steps(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> pd.DataFrame:
+    """The steps table (one row per optimizer step of every trial)."""
+    return query("select * from steps", runs_dir, sweep)
