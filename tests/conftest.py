@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under Triton's CPU interpreter; this must be set before
+# any @triton.jit function is defined (moe_core imports its kernels lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moe_core import ModelConfig, MoEConfig
 

@@ -9,7 +9,9 @@ Shape legend: T tokens, D model dim, E experts, F expert width, K slots, P kept 
   expert over the sorted splits), gates applied to the hidden activation, and a deterministic
   combine (no float atomics). On CPU the same computation streams chunks of experts through the
   cache with a hand-written backward (`streamed.py`).
-A Triton kernel (separate issue) plugs in as a third backend with the same signature.
+- `triton`: Triton kernels (`triton_experts.py`): scattered-to-grouped matmuls reading tokens
+  in place, the gate fused into the down projection, hand-written backward. CUDA, or Triton's
+  CPU interpreter (TRITON_INTERPRET=1) for the parity tests.
 """
 
 from __future__ import annotations
@@ -73,3 +75,23 @@ def experts_grouped(
     # F/D as much memory: for fine-grained experts F << D.
     h_PF = F.silu(gate) * up * gates_P[:, None]
     return combine(grouped_matmul(h_PF, w2, dispatch.kept_E), dispatch, num_tokens)
+
+
+def experts_triton(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
+    """The Triton backend, with the same casting rules as `experts_grouped`."""
+    import os
+
+    from moe_core.errors import ConfigError
+
+    if x_TD.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("moe.backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+    try:
+        from moe_core.moe.triton_experts import experts_triton as run
+    except ImportError:
+        raise ConfigError("moe.backend 'triton' needs the triton package (pip install triton)") from None
+    dtype = x_TD.dtype
+    if torch.is_autocast_enabled(x_TD.device.type):
+        dtype = torch.get_autocast_dtype(x_TD.device.type)
+    gates_P = gates_TK.t().reshape(-1).index_select(0, dispatch.pair_P).to(dtype)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return run(x_TD.to(dtype), bank.w13_EDF2.to(dtype), bank.w2_EFD.to(dtype), dispatch, gates_P)

@@ -22,7 +22,7 @@ from moe_core.config import ModelConfig
 from moe_core.layers import SwiGLU
 from moe_core.moe.balance import balance_probs, load_fraction, switch_loss, update_loss_free_bias, z_loss
 from moe_core.moe.dispatch import capacity, sort_by_expert
-from moe_core.moe.experts import ExpertBank, experts_grouped, experts_reference
+from moe_core.moe.experts import ExpertBank, experts_grouped, experts_reference, experts_triton
 from moe_core.moe.router import Router, SetSlice, gate_values, random_experts, select_experts
 
 
@@ -135,6 +135,8 @@ class MoEFFN(nn.Module):
     def _experts(self, bank: ExpertBank, x_TD, local_TK, gates_TK, dispatch) -> torch.Tensor:
         if self.backend == "reference":
             return experts_reference(bank, x_TD, local_TK, gates_TK, dispatch.keep_mask_TK(x_TD.shape[0]))
+        if self.backend == "triton":
+            return experts_triton(bank, x_TD, dispatch, gates_TK)
         return experts_grouped(bank, x_TD, dispatch, gates_TK)
 
     def _report(self, num_tokens, logits_TN, scores_TN, ids_TK, routed_N, kept_N) -> LayerRouting:
