@@ -1,7 +1,7 @@
 """SQL and pandas over the sweeps' result tables (schema: docs/results.md). No torch here.
 
-DuckDB reads the per-trial Parquet files in place; views `trials` and `steps` cover every sweep
-under the runs folder, or one. Files of different sweeps may differ in extra columns
+DuckDB loads the per-trial Parquet files into two tables, `trials` and `steps`, covering every
+sweep under the runs folder, or one. Files of different sweeps may differ in extra columns
 (`val_loss/<set>`, routing statistics): they are unioned by name.
 """
 
@@ -39,15 +39,17 @@ def _files(runs_dir: str | Path, table: str, sweep: str | list[str] | None) -> l
 
 
 def connect(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with views `trials` and `steps`."""
+    """An in-memory DuckDB connection with tables `trials` and `steps`, loaded once from the
+    per-trial Parquet files (opening thousands of small files per query would dominate; loaded,
+    queries over 2,000 trials x 1,000 steps take milliseconds). Keep it for many queries."""
     con = duckdb.connect()
     for table in ("trials", "steps"):
         files = _files(runs_dir, table, sweep)
         if files:
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            con.execute(f"create view {table} as select * from read_parquet([{listing}], union_by_name = true)")
+            con.execute(f"create table {table} as select * from read_parquet([{listing}], union_by_name = true)")
         else:
-            con.execute(f"create view {table} as select null::varchar as trial_id where false")
+            con.execute(f"create table {table} (trial_id varchar)")
     return con
 
 

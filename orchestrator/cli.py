@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="sweep name (a folder under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
     p.set_defaults(func=_status)
-    p = sub.add_parser("query", help="DuckDB SQL over the result tables (views: trials, steps)")
+    p = sub.add_parser("query", help="DuckDB SQL over the result tables (tables: trials, steps)")
     p.add_argument("sql", help="e.g. \"select layout, avg(val_loss) from trials group by 1\"")
     p.add_argument("--sweep", help="one sweep (default: every sweep under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
