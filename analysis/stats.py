@@ -54,7 +54,9 @@ def seed_noise(df: pd.DataFrame) -> float | None:
     """Pooled standard deviation of val_loss over seeds of identical settings (None without repeats)."""
     if df.empty:
         return None
-    groups = df.groupby("setting")["val_loss"]
+    # The same setting and seed in two sweeps is one run twice (deterministic): not a repeat.
+    per_seed = df.groupby(["setting", "seed"], dropna=False)["val_loss"].mean().reset_index()
+    groups = per_seed.groupby("setting")["val_loss"]
     var = groups.var(ddof=1)
     counts = groups.count()
     ok = counts >= 2

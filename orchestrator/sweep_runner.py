@@ -66,7 +66,8 @@ class ResultsCallback(Callback):
     def _finish(self, trial: Any, error: bool) -> None:
         paths, view, mlflow = self._objects()
         tid = _trial_id(trial)
-        if tid is None:
+        if tid is None:  # a Bayesian point that reported nothing: infeasible (or failed at once)
+            view.finished(trial.trial_id, "failed" if error else "infeasible", None)
             return
         file = paths.trials / f"{tid}.parquet"
         rows = read_rows_of(file)
@@ -170,6 +171,13 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
         if session.dashboard_url:
             console.print(f"Ray dashboard: {session.dashboard_url}")
         r = spec.resources
+        import ray
+
+        have = ray.cluster_resources()
+        for name, need in (("CPU", r.cpus), ("GPU", r.gpus)):
+            if need > have.get(name, 0.0):
+                raise ConfigError(f"{sweep.path}: resources: each worker needs {need:g} {name}s but the Ray cluster has "
+                                  f"{have.get(name, 0.0):g}; lower resources.{name.lower()}s or join a bigger cluster (--address)")
         per_trial_cpus = r.cpus * r.workers
         fit = max(1, int(session.num_cpus // per_trial_cpus)) if per_trial_cpus else 1
         concurrent = min(spec.max_concurrent or fit, fit)

@@ -238,3 +238,12 @@ def test_mlflow_down_loses_nothing_and_status_reports(tmp_path, cache, capsys):
     assert "completed" in out and "best val_loss" in out
     assert main(["status", "nope", "--runs-dir", str(runs)]) == 2
     assert "no sweep 'nope'" in capsys.readouterr().err
+
+
+def test_resources_the_cluster_lacks_are_a_clear_error(tmp_path, cache):
+    from moe_core.errors import ConfigError
+
+    path = sweep_yaml(tmp_path, cache, "study.sparsity: {values: [2]}\n", name="g")
+    path.write_text(path.read_text().replace("resources: {cpus: 1}", "resources: {cpus: 1, gpus: 1}"))
+    with pytest.raises(ConfigError, match="each worker needs 1 GPUs but the Ray cluster has 0"):
+        run_sweep(path, options(tmp_path), quiet())
