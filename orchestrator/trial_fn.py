@@ -111,7 +111,6 @@ def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]
     from moe_core.train.loop import train_trial
     from moe_core.trial import TrialConfig
 
-    trial = TrialConfig.from_dict(meta["config"])
     if ctx.noop:
         from ray import tune
 
@@ -119,6 +118,7 @@ def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]
         return {"status": "completed", "steps": 0, "tokens": 0, "val_loss": {}, "val_loss_macro": 0.0}
     if ctx.workers > 1:
         return _train_data_parallel(meta, out, ctx)
+    trial = TrialConfig.from_dict(meta["config"])
     torch.set_num_threads(max(1, ctx.threads))
     reporter = TuneReporter(meta["trial_id"], trial.train.checkpoint_every, trial.total_steps)
     return train_trial(trial, out, callbacks=[reporter]).to_dict()
