@@ -144,7 +144,7 @@ class MoEConfig(StrictConfig):
     capacity_factor: Annotated[float, Field(gt=0)] | None = None  # None means dropless
     router: RouterConfig = RouterConfig()
     balance: BalanceConfig = BalanceConfig()
-    backend: Literal["auto", "reference", "grouped", "triton"] = "auto"
+    backend: Literal["auto", "reference", "grouped", "streamed", "triton"] = "auto"  # see moe/experts.py
 
     @model_validator(mode="after")
     def _check(self) -> "MoEConfig":

@@ -39,16 +39,13 @@ def _run(model, idx, targets):
     return out, {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["streamed", "gathered"])
+@pytest.mark.parametrize("backend", ["streamed", "grouped"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_grouped_path_equals_reference_outputs_and_gradients(name, gathered, monkeypatch):
-    """On CPU the fast path streams; the gathered variant is what runs off CPU."""
-    from moe_core.moe import experts as experts_module
-
-    monkeypatch.setattr(experts_module, "STREAM_ON_CPU", not gathered)
+def test_fast_paths_equal_reference_outputs_and_gradients(name, backend):
+    """`streamed` is the CPU path; `grouped` is the GPU path (and the compiled one), run here on CPU."""
     moe = VARIANTS[name]
     ref = build_model(tiny({**moe, "backend": "reference"}))
-    fast = build_model(tiny({**moe, "backend": "grouped"}))
+    fast = build_model(tiny({**moe, "backend": backend}))
     fast.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 48, (3, 16))
     targets = torch.randint(0, 48, (3, 16))
@@ -68,7 +65,7 @@ def test_awkward_routings_match_reference(path, monkeypatch):
     gather-then-grouped-GEMM path used off CPU."""
     from moe_core.moe import streamed
     from moe_core.moe.dispatch import sort_by_expert
-    from moe_core.moe.experts import ExpertBank, experts_grouped, experts_reference
+    from moe_core.moe.experts import ExpertBank, experts_cpu_streamed, experts_grouped, experts_reference
 
     if path == "streamed_chunk_per_expert":
         monkeypatch.setattr(streamed, "CHUNK_BYTES", 1)
@@ -76,7 +73,9 @@ def test_awkward_routings_match_reference(path, monkeypatch):
     bank = ExpertBank(5, 16, 8)
     if path != "gathered":
         # Garbage in fresh allocations must never reach a gradient: poison torch.empty_like.
-        monkeypatch.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
+        real_full_like = torch.full_like
+        monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_full_like(
+            t, float("nan") if (kw.get("dtype") or t.dtype).is_floating_point else -1, **kw))
     torch.nn.init.normal_(bank.w13_EDF2)
     torch.nn.init.normal_(bank.w2_EFD)
     x = torch.randn(9, 16, requires_grad=True)
@@ -90,13 +89,13 @@ def test_awkward_routings_match_reference(path, monkeypatch):
     for name, (ids, cap) in cases.items():
         gates = torch.rand(ids.shape, requires_grad=True)
         dispatch = sort_by_expert(ids, 5, cap)
-        keep = dispatch.keep_mask_TK(9)
+        keep = dispatch.keep_mask_TK()
         outs = []
         for fn in ("ref", "fast"):
             for t in (x, gates, bank.w13_EDF2, bank.w2_EFD):
                 t.grad = None
-            y = (experts_reference(bank, x, ids, gates, keep) if fn == "ref"
-                 else experts_grouped(bank, x, dispatch, gates, streamed=path != "gathered"))
+            fast = experts_grouped if path == "gathered" else experts_cpu_streamed
+            y = experts_reference(bank, x, ids, gates, keep) if fn == "ref" else fast(bank, x, dispatch, gates)
             y.pow(2).sum().backward()
             outs.append([y.detach()] + [t.grad.clone() for t in (x, gates, bank.w13_EDF2, bank.w2_EFD)])
         for a, b in zip(*outs):
@@ -107,7 +106,7 @@ def test_streamed_path_is_bitwise_deterministic(monkeypatch):
     from moe_core.moe import streamed
 
     monkeypatch.setattr(streamed, "CHUNK_BYTES", 256)
-    model = build_model(tiny({"layout": "layerwise", "experts": [experts(8, 2, "1/2")]}))
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(8, 2, "1/2")], "backend": "streamed"}))
     idx, targets = torch.randint(0, 48, (4, 16)), torch.randint(0, 48, (4, 16))
     runs = []
     for _ in range(2):
@@ -132,7 +131,7 @@ def test_grouped_mm_equals_the_per_group_loop():
 
     a, b = torch.randn(20, 16), torch.randn(4, 16, 8)
     counts = [5, 0, 12, 3]
-    fast = grouped_gemm.grouped_matmul(a, b, counts)
+    fast = grouped_gemm.grouped_matmul(a, b, grouped_gemm.offsets_from_counts(counts))
     assert grouped_gemm.grouped_mm_usable(a, b) == hasattr(torch, "_grouped_mm")
     loop = torch.cat([a[s:s + c] @ b[e] for e, (s, c) in enumerate(zip([0, 5, 5, 17], counts))])
     torch.testing.assert_close(fast, loop)

@@ -104,7 +104,7 @@ def test_capacity_drops_exactly_the_hand_computed_pairs():
     # first choice and tokens 3, 5's second choices overflow. Expert 1: tokens 3, 5 (slot 0),
     # then token 0's second choice; tokens 1, 2, 4's second choices overflow.
     expected = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 0], [0, 0], [1, 0]], dtype=torch.bool)
-    assert torch.equal(d.keep_mask_TK(6), expected)
+    assert torch.equal(d.keep_mask_TK(), expected)
     assert d.kept_E.tolist() == [3, 3] and d.routed_E.tolist() == [6, 6]
     assert int(d.num_dropped) == 6
 

@@ -57,7 +57,7 @@ def test_triton_matches_reference(kind, K, cap):
     ids = _routing(kind, T, E, K, gen)
     gates = torch.rand(ids.shape, generator=gen).requires_grad_()
     d = sort_by_expert(ids, E, None if cap is None else capacity(cap, T, ids.shape[1], E))
-    y_ref, g_ref = _run(lambda b, x_, *a: experts_reference(b, x_, ids, gates, d.keep_mask_TK(T)), bank, x, gates)
+    y_ref, g_ref = _run(lambda b, x_, *a: experts_reference(b, x_, ids, gates, d.keep_mask_TK()), bank, x, gates)
     y_tri, g_tri = _run(lambda b, x_, *a: experts_triton(b, x_, d, gates), bank, x, gates)
     torch.testing.assert_close(y_tri, y_ref, rtol=1e-5, atol=1e-6)
     for name, a, b in zip(("x", "gates", "w13", "w2"), g_tri, g_ref):
@@ -72,7 +72,7 @@ def test_triton_bfloat16_accumulates_in_float32():
     ids = _routing("uniform", T, E, 2, gen)
     gates = torch.rand(ids.shape, generator=gen)
     d = sort_by_expert(ids, E)
-    ref = experts_reference(bank, x, ids, gates, d.keep_mask_TK(T))
+    ref = experts_reference(bank, x, ids, gates, d.keep_mask_TK())
     bank16 = _bank(E, D, F, dtype=torch.bfloat16)
     with torch.no_grad():
         bank16.w13_EDF2.copy_(bank.w13_EDF2), bank16.w2_EFD.copy_(bank.w2_EFD)
@@ -123,7 +123,7 @@ def test_torch_compile_traces_around_the_custom_op():
     gates_P = torch.rand(d.pair_P.numel(), generator=gen, requires_grad=True)
 
     def f(x, g, w13, w2):
-        return triton_experts_op(x, g, w13, w2, d.token_P, d.pair_P, d.kept_E, d.num_pairs)[0].sum()
+        return triton_experts_op(x, g, w13, w2, d.token_P, d.row_P, d.routed_E, d.num_pairs)[0].sum()
 
     eager = f(x, gates_P, bank.w13_EDF2, bank.w2_EFD)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x, gates_P, bank.w13_EDF2, bank.w2_EFD)
@@ -155,7 +155,7 @@ def test_triton_matches_reference_on_gpu(g, E, K):
     ids = torch.stack([torch.randperm(E, device="cuda", generator=gen)[:K] for _ in range(T)])
     gates = torch.rand(ids.shape, device="cuda", generator=gen, requires_grad=True)
     d = sort_by_expert(ids, E)
-    y_ref, g_ref = _run(lambda b, x_, *a: experts_reference(b, x_, ids, gates, d.keep_mask_TK(T)), bank, x, gates)
+    y_ref, g_ref = _run(lambda b, x_, *a: experts_reference(b, x_, ids, gates, d.keep_mask_TK()), bank, x, gates)
     y_tri, g_tri = _run(lambda b, x_, *a: experts_triton(b, x_, d, gates), bank, x, gates)
     torch.testing.assert_close(y_tri, y_ref, rtol=1e-4, atol=1e-4)
     for a, b in zip(g_tri, g_ref):

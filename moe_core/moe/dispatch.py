@@ -1,6 +1,8 @@
-"""Sorting (token, slot) pairs by expert, and capacity dropping.
+"""Sorting (token, slot) pairs by expert, capacity dropping, and the two row maps between tokens
+and pairs (gather and combine), all with static shapes and no host synchronisation.
 
-Shape legend: T tokens, K slots of one expert set (its top-k), P = K * T pairs, E experts.
+Shape legend: T tokens, K slots of one expert set (its top-k), P = K * T pairs, E experts,
+D feature width.
 
 Pairs are numbered slot-major: pair p = slot * T + token. A stable sort by expert then lists,
 within each expert, every token's first choice before any second choice, and tokens in batch
@@ -8,13 +10,20 @@ order within a slot. With a capacity C, an expert keeps its first C pairs in tha
 the rest: first choices win over later ones, then earlier tokens win (the GShard/Switch policy).
 A dropped pair contributes nothing; if all of a token's pairs drop, the token passes through the
 residual connection alone.
+
+Every pair keeps its row, dropped or not: the sorted list always has exactly P rows and the
+per-expert counts, offsets and capacity ranks are device tensors. So nothing here waits for the
+GPU (no `bincount`, `nonzero`, boolean-mask indexing or `.item()`), shapes never depend on the
+routing (torch.compile compiles once), and a dropped row is computed with a zero gate, which
+makes its output and every gradient through it exactly zero. (At CF >= 1 that is no more work
+than a fixed E * C slot buffer; at CF < 1 the dropped rows are computed and discarded.)
 """
 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -30,59 +39,110 @@ def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: i
 
 @dataclass(frozen=True)
 class Dispatch:
-    """A routing of one expert set, sorted by expert, with dropped pairs already removed."""
+    """A routing of one expert set: all P pairs as rows sorted by expert (see module docstring)."""
 
-    pair_P: torch.Tensor  # slot-major pair index of each kept pair, grouped by expert
-    token_P: torch.Tensor  # token index of each kept pair
-    kept_E: torch.Tensor  # kept pairs per expert (int64); sums to P
-    routed_E: torch.Tensor  # pairs routed to each expert before dropping
-    num_pairs: int  # K * T, kept or not
+    pair_P: torch.Tensor  # slot-major pair index of each row; a permutation of range(P)
+    token_P: torch.Tensor  # token index of each row
+    row_P: torch.Tensor  # the inverse permutation: row of each slot-major pair
+    offsets_E: torch.Tensor  # int32 end row of each expert's group (cumulative routed counts)
+    routed_E: torch.Tensor  # pairs routed to each expert (int64)
+    kept_E: torch.Tensor  # pairs each expert computes: routed, or at most the capacity (int64)
+    keep_P: torch.Tensor | None  # bool per row: within capacity; None when dropless
+    num_tokens: int
 
     @property
-    def inverse_P(self) -> torch.Tensor:
-        """Row of each pair in the sorted order (dropless only: then pair_P is a permutation)."""
-        inv = torch.empty_like(self.pair_P)
-        inv[self.pair_P] = torch.arange(self.pair_P.numel(), device=self.pair_P.device)
-        return inv
+    def num_pairs(self) -> int:
+        return self.pair_P.numel()
+
+    @property
+    def num_experts(self) -> int:
+        return self.routed_E.numel()
 
     @property
     def num_dropped(self) -> torch.Tensor:
-        return self.num_pairs - self.kept_E.sum()
+        return self.routed_E.sum() - self.kept_E.sum()
 
-    def keep_mask_TK(self, num_tokens: int) -> torch.Tensor:
+    def keep_mask_TK(self) -> torch.Tensor:
         """Bool (T, K): whether each (token, slot) pair reaches its expert."""
-        keep = torch.zeros(self.num_pairs, dtype=torch.bool, device=self.pair_P.device)
-        keep[self.pair_P] = True
-        return keep.view(-1, num_tokens).t()
+        if self.keep_P is None:
+            return torch.ones(self.num_tokens, self.num_pairs // self.num_tokens, dtype=torch.bool,
+                              device=self.pair_P.device)
+        return self.keep_P.index_select(0, self.row_P).view(-1, self.num_tokens).t()
+
+    def pair_gates(self, gates_TK: torch.Tensor) -> torch.Tensor:
+        """Gate of each row (T, K) -> (P,), zero for dropped rows (and zero gradient to them)."""
+        gates_P = gates_TK.t().reshape(-1).index_select(0, self.pair_P)
+        return gates_P if self.keep_P is None else gates_P.masked_fill(~self.keep_P, 0.0)
 
 
 def sort_by_expert(ids_TK: torch.Tensor, num_experts: int, cap: int | None = None) -> Dispatch:
-    """Group the pairs of `ids_TK` (local expert ids) by expert; keep at most `cap` per expert."""
+    """Group the pairs of `ids_TK` (local expert ids) by expert; with `cap`, mark all but the first
+    `cap` rows of each expert as dropped."""
     num_tokens = ids_TK.shape[0]
     ids_P = ids_TK.t().reshape(-1)  # slot-major numbering, see module docstring
-    order = torch.argsort(ids_P, stable=True)
-    routed = torch.bincount(ids_P, minlength=num_experts)
+    num_pairs, device = ids_P.numel(), ids_P.device
+    sorted_ids, order = torch.sort(ids_P, stable=True)
+    # Histogram and offsets from the sorted ids: a binary search per expert, no atomics.
+    ends = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=device, dtype=sorted_ids.dtype), right=True)
+    routed = torch.diff(ends, prepend=ends.new_zeros(1))
+    rows = torch.arange(num_pairs, device=device)
+    keep, kept = None, routed
     if cap is not None:
-        starts = torch.cumsum(routed, 0) - routed
-        rank = torch.arange(ids_P.numel(), device=ids_P.device) - starts[ids_P[order]]
-        order = order[rank < cap]
-        kept = routed.clamp(max=cap)
-    else:
-        kept = routed
+        rank = rows - (ends - routed).index_select(0, sorted_ids)  # position within the expert's group
+        keep, kept = rank < cap, routed.clamp(max=cap)
     return Dispatch(
         pair_P=order,
         token_P=order % num_tokens,
-        kept_E=kept,
+        row_P=torch.empty_like(order).scatter_(0, order, rows),
+        offsets_E=ends.to(torch.int32),
         routed_E=routed,
-        num_pairs=ids_P.numel(),
+        kept_E=kept,
+        keep_P=keep,
+        num_tokens=num_tokens,
     )
 
 
-def combine(y_PD: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Tensor:
-    """Sum each token's expert outputs without atomics: put rows back in slot-major pair order
-    (a gather when nothing dropped, a scatter into zeros otherwise), then reduce over slots."""
-    if dispatch.pair_P.numel() == dispatch.num_pairs:
-        y_pairs = y_PD.index_select(0, dispatch.inverse_P)
-    else:
-        y_pairs = y_PD.new_zeros(dispatch.num_pairs, y_PD.shape[-1]).index_copy(0, dispatch.pair_P, y_PD)
-    return y_pairs.view(-1, num_tokens, y_PD.shape[-1]).sum(dim=0)
+def _sum_pairs(rows_PD: torch.Tensor, row_P: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Each token's sum over its K rows: back to slot-major order by a gather, then a sum over
+    slots. Deterministic (no atomics); accumulates in float32 for low-precision rows."""
+    return rows_PD.index_select(0, row_P).view(-1, num_tokens, rows_PD.shape[-1]).sum(dim=0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_PD = x_TD[token_P]; the gradient of a token is the sum of its K rows' gradients, summed
+    like the combine instead of `index_add_` (float atomics on GPUs, order-dependent)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, token_P: torch.Tensor, row_P: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(token_P, row_P)
+        ctx.num_tokens = x_TD.shape[0]
+        return x_TD.index_select(0, token_P)
+
+    @staticmethod
+    def backward(ctx, grad_PD: torch.Tensor):
+        token_P, row_P = ctx.saved_tensors
+        return _CombineRows.apply(grad_PD, token_P, row_P, ctx.num_tokens), None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """y_TD[t] = sum of the rows of token t; the gradient of a row is its token's gradient."""
+
+    @staticmethod
+    def forward(ctx, y_PD: torch.Tensor, token_P: torch.Tensor, row_P: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        ctx.save_for_backward(token_P, row_P)
+        return _sum_pairs(y_PD, row_P, num_tokens)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        token_P, row_P = ctx.saved_tensors
+        return _GatherRows.apply(grad_TD, token_P, row_P), None, None, None
+
+
+def gather_rows(x_TD: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """(T, D) -> (P, D): each row's token, in expert order. Atomic-free backward."""
+    return _GatherRows.apply(x_TD, dispatch.token_P, dispatch.row_P)
+
+
+def combine(y_PD: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """(P, D) -> (T, D): sum each token's rows (already gated; dropped rows are zero)."""
+    return _CombineRows.apply(y_PD, dispatch.token_P, dispatch.row_P, dispatch.num_tokens)

@@ -1,28 +1,37 @@
-"""Routed SwiGLU experts and the two ways of computing them.
+"""Routed SwiGLU experts and the ways of computing them (`moe.backend`).
 
-Shape legend: T tokens, D model dim, E experts, F expert width, K slots, P kept (token, slot) pairs.
+Shape legend: T tokens, D model dim, E experts, F expert width, K slots, P = K * T (token, slot)
+pairs, sorted by expert (`dispatch.py`).
 
 - `reference`: a loop over experts that gathers each expert's tokens. Obviously correct; the
   oracle every fast path is tested against.
-- `grouped`: pairs sorted by expert once, then one grouped GEMM per projection
-  (`torch._grouped_mm` where it is exact and fast for the device and dtype, else one matmul per
-  expert over the sorted splits), gates applied to the hidden activation, and a deterministic
-  combine (no float atomics). On CPU the same computation streams chunks of experts through the
-  cache with a hand-written backward (`streamed.py`).
-- `triton`: Triton kernels (`triton_experts.py`): scattered-to-grouped matmuls reading tokens
-  in place, the gate fused into the down projection, hand-written backward. CUDA, or Triton's
-  CPU interpreter (TRITON_INTERPRET=1) for the parity tests.
+- `grouped`: rows gathered once in expert order, one grouped GEMM per projection
+  (`torch._grouped_mm` where it is exact and fast for the device and dtype), the gate applied to
+  the hidden activation, and a deterministic combine; gather and combine have atomic-free
+  backward passes. No host synchronisation and routing-independent shapes: the GPU path, and the
+  one `torch.compile` traces whole.
+- `streamed`: the CPU path. The same computation streams chunks of experts through the cache
+  with a hand-written backward (`streamed.py`); it reads the per-expert counts on the host (free
+  on a CPU).
+- `triton`: Triton kernels (`triton_experts.py`). CUDA, or Triton's CPU interpreter
+  (TRITON_INTERPRET=1) for the parity tests.
+- `auto`: `streamed` on CPU in eager mode, `grouped` everywhere else (GPUs, and under
+  torch.compile, which cannot trace the streamed path's host reads).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_core.moe.dispatch import Dispatch, combine
+from moe_core.errors import ConfigError
+from moe_core.moe.dispatch import Dispatch, combine, gather_rows
 from moe_core.moe.grouped_gemm import grouped_matmul
 from moe_core.moe.streamed import experts_streamed
+from moe_core.moe.swiglu import gated_swiglu
 
 
 class ExpertBank(nn.Module):
@@ -50,48 +59,56 @@ def experts_reference(
     return out
 
 
-STREAM_ON_CPU = True  # tests turn this off to run the gathered path on CPU
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend `auto` stands for on this device, in this mode (see module docstring)."""
+    if backend != "auto":
+        return backend
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return "streamed"
+    return "grouped"
 
 
-def experts_grouped(
-    bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor, streamed: bool | None = None
-) -> torch.Tensor:
-    """The fast path. On CPU it streams expert chunks through the cache (`streamed.py`);
-    elsewhere it gathers once, runs two grouped GEMMs and combines deterministically."""
+def cast_for_experts(x_TD: torch.Tensor, bank: ExpertBank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x and the bank's weights in the compute dtype: autocast's where it is on (its dtype rules
+    skip the ops the fast paths use, so they cast by hand), else x's."""
     dtype = x_TD.dtype
-    if torch.is_autocast_enabled(x_TD.device.type):  # we cast by hand: autocast skips these ops
+    if torch.is_autocast_enabled(x_TD.device.type):
         dtype = torch.get_autocast_dtype(x_TD.device.type)
-    x_TD, w13, w2 = x_TD.to(dtype), bank.w13_EDF2.to(dtype), bank.w2_EFD.to(dtype)
-    gates_P = gates_TK.t().reshape(-1).index_select(0, dispatch.pair_P).to(dtype)
-    if streamed is None:
-        streamed = STREAM_ON_CPU and x_TD.device.type == "cpu"
-    if streamed:
-        with torch.autocast(x_TD.device.type, enabled=False):
-            return experts_streamed(x_TD, gates_P, w13, w2, dispatch.token_P, dispatch.kept_E)
-    num_tokens = x_TD.shape[0]
-    x_PD = x_TD.index_select(0, dispatch.token_P)
-    gate, up = grouped_matmul(x_PD, w13, dispatch.kept_E).chunk(2, dim=-1)
-    # Gating the F-wide hidden instead of the D-wide output is the same linear map and touches
-    # F/D as much memory: for fine-grained experts F << D.
-    h_PF = F.silu(gate) * up * gates_P[:, None]
-    return combine(grouped_matmul(h_PF, w2, dispatch.kept_E), dispatch, num_tokens)
+    return x_TD.to(dtype), bank.w13_EDF2.to(dtype), bank.w2_EFD.to(dtype)
+
+
+def experts_grouped(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
+    """Gather rows in expert order, two grouped GEMMs, combine. Sync-free, static shapes."""
+    x_TD, w13, w2 = cast_for_experts(x_TD, bank)
+    gates_P = dispatch.pair_gates(gates_TK).to(x_TD.dtype)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        h_P2F = grouped_matmul(gather_rows(x_TD, dispatch), w13, dispatch.offsets_E)
+        # Gating the F-wide hidden instead of the D-wide output is the same linear map and
+        # touches F/D as much memory: for fine-grained experts F << D.
+        y_PD = grouped_matmul(gated_swiglu(h_P2F, gates_P), w2, dispatch.offsets_E)
+        return combine(y_PD, dispatch)
+
+
+def experts_cpu_streamed(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
+    """The CPU path: expert chunks streamed through the cache (`streamed.py`)."""
+    x_TD, w13, w2 = cast_for_experts(x_TD, bank)
+    gates_P = dispatch.pair_gates(gates_TK).to(x_TD.dtype)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return experts_streamed(x_TD, gates_P, w13, w2, dispatch)
 
 
 def experts_triton(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
     """The Triton backend, with the same casting rules as `experts_grouped`."""
-    import os
-
-    from moe_core.errors import ConfigError
-
     if x_TD.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("moe.backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
     try:
         from moe_core.moe.triton_experts import experts_triton as run
     except ImportError:
         raise ConfigError("moe.backend 'triton' needs the triton package (pip install triton)") from None
-    dtype = x_TD.dtype
-    if torch.is_autocast_enabled(x_TD.device.type):
-        dtype = torch.get_autocast_dtype(x_TD.device.type)
-    gates_P = gates_TK.t().reshape(-1).index_select(0, dispatch.pair_P).to(dtype)
+    x_TD, w13, w2 = cast_for_experts(x_TD, bank)
+    gates_P = dispatch.pair_gates(gates_TK).to(x_TD.dtype)
     with torch.autocast(x_TD.device.type, enabled=False):
-        return run(x_TD.to(dtype), bank.w13_EDF2.to(dtype), bank.w2_EFD.to(dtype), dispatch, gates_P)
+        return run(x_TD, w13, w2, dispatch, gates_P)
+
+
+BACKENDS = {"grouped": experts_grouped, "streamed": experts_cpu_streamed, "triton": experts_triton}

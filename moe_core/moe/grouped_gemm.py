@@ -1,12 +1,19 @@
 """Grouped matrix multiply: rows of `a` grouped by expert, times that expert's matrix.
 
-`torch._grouped_mm` does all groups in one call where it is exact and fast; elsewhere a loop of
-`torch.mm` over the groups does the same (the two are checked against each other in tests).
+Groups are given by `offsets` (int32, device): the end row of each group, so group e is rows
+offsets[e-1]:offsets[e]. `torch._grouped_mm` takes them as they are, on the device, with no host
+synchronisation, where it is exact and fast for the device and dtype; elsewhere a loop of
+`torch.mm` over the groups does the same after reading the offsets (one host read). The two are
+checked against each other in tests.
 """
 
 from __future__ import annotations
 
 import torch
+
+# torch._grouped_mm's CUDA kernel refuses more than 1,024 groups per call ("Can't process more
+# than 1024 groups"); more experts are multiplied in chunks of whole groups.
+MAX_GROUPS_PER_CALL = 1024
 
 
 def grouped_mm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -26,24 +33,45 @@ def grouped_mm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
     return False
 
 
-def grouped_matmul(
-    a_PX: torch.Tensor, b_EXY: torch.Tensor, counts: torch.Tensor | list[int], out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Rows of `a` come in groups of `counts[e]` rows, in order; group e is multiplied by b[e].
+def offsets_from_counts(counts: torch.Tensor | list[int], device: torch.device | None = None) -> torch.Tensor:
+    """int32 cumulative ends of groups of the given sizes."""
+    counts = torch.as_tensor(counts, device=device)
+    return torch.cumsum(counts, 0, dtype=torch.int32)
 
-    With `out` the result is written there (no autograd: for hand-written backward passes).
+
+def grouped_matmul(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows of `a` in groups ending at `offsets_E`; group e is multiplied by b[e]. Differentiable.
+
+    Rows past the last offset are not part of any group; their output rows are unspecified.
     """
-    if grouped_mm_usable(a_PX, b_EXY):
-        if isinstance(counts, list):
-            counts = torch.tensor(counts, device=a_PX.device)
-        y = torch._grouped_mm(a_PX, b_EXY, offs=torch.cumsum(counts, 0, dtype=torch.int32))
-        return y if out is None else out.copy_(y)
-    counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
-    if out is None:  # differentiable: autograd records each group's matmul
-        return torch.cat([part @ b_EXY[e] for e, part in enumerate(a_PX.split(counts))], dim=0)
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            torch.mm(a_PX[start : start + c], b_EXY[e], out=out[start : start + c])
-        start += c
-    return out
+    num_groups = b_EXY.shape[0]
+    if not grouped_mm_usable(a_PX, b_EXY):
+        return _loop(a_PX, b_EXY, offsets_E)
+    if num_groups <= MAX_GROUPS_PER_CALL:
+        return torch._grouped_mm(a_PX, b_EXY, offs=offsets_E)
+    # Chunks of whole groups. A chunk's first row depends on the routing, so this reads the
+    # chunk boundaries from the device once: the one host synchronisation left, and only for
+    # more experts than one call takes.
+    firsts = range(0, num_groups, MAX_GROUPS_PER_CALL)
+    lasts = [min(e0 + MAX_GROUPS_PER_CALL, num_groups) - 1 for e0 in firsts]
+    ends = offsets_E[lasts].tolist()
+    parts, start = [], 0
+    for e0, e1, end in zip(firsts, lasts, ends):
+        parts.append(torch._grouped_mm(a_PX[start:end], b_EXY[e0 : e1 + 1], offs=offsets_E[e0 : e1 + 1] - start))
+        start = end
+    return _pad_rows(parts, a_PX.shape[0] - start, b_EXY)
+
+
+def _pad_rows(parts: list[torch.Tensor], tail: int, b_EXY: torch.Tensor) -> torch.Tensor:
+    """Concatenate the groups' outputs; rows outside every group come out as zeros."""
+    if tail > 0:
+        parts.append(parts[0].new_zeros(tail, b_EXY.shape[-1]) if parts else b_EXY.new_zeros(tail, b_EXY.shape[-1]))
+    return torch.cat(parts, dim=0)
+
+
+def _loop(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """The plain per-group loop (one host read of the offsets); autograd records each matmul."""
+    ends = offsets_E.tolist()
+    starts = [0, *ends[:-1]]
+    parts = [a_PX[s:e] @ b_EXY[g] for g, (s, e) in enumerate(zip(starts, ends))]
+    return _pad_rows(parts, a_PX.shape[0] - (ends[-1] if ends else 0), b_EXY)

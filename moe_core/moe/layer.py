@@ -22,7 +22,7 @@ from moe_core.config import ModelConfig
 from moe_core.layers import SwiGLU
 from moe_core.moe.balance import balance_probs, load_fraction, switch_loss, update_loss_free_bias, z_loss
 from moe_core.moe.dispatch import capacity, sort_by_expert
-from moe_core.moe.experts import ExpertBank, experts_grouped, experts_reference, experts_triton
+from moe_core.moe.experts import BACKENDS, ExpertBank, experts_reference, resolve_backend
 from moe_core.moe.router import Router, SetSlice, gate_values, random_experts, select_experts
 
 
@@ -133,11 +133,10 @@ class MoEFFN(nn.Module):
         return cands
 
     def _experts(self, bank: ExpertBank, x_TD, local_TK, gates_TK, dispatch) -> torch.Tensor:
-        if self.backend == "reference":
-            return experts_reference(bank, x_TD, local_TK, gates_TK, dispatch.keep_mask_TK(x_TD.shape[0]))
-        if self.backend == "triton":
-            return experts_triton(bank, x_TD, dispatch, gates_TK)
-        return experts_grouped(bank, x_TD, dispatch, gates_TK)
+        backend = resolve_backend(self.backend, x_TD.device)
+        if backend == "reference":
+            return experts_reference(bank, x_TD, local_TK, gates_TK, dispatch.keep_mask_TK())
+        return BACKENDS[backend](bank, x_TD, dispatch, gates_TK)
 
     def _report(self, num_tokens, logits_TN, scores_TN, ids_TK, routed_N, kept_N) -> LayerRouting:
         p_TN = balance_probs(scores_TN, self.router_cfg.scoring, self.sets)
@@ -173,8 +172,10 @@ class MoEFFN(nn.Module):
 
     @torch.no_grad()
     def finish_step(self) -> None:
-        """After an optimizer step: move the loss-free bias against this step's loads, reset them."""
-        if self.balance.bias_rate > 0 and self.step_tokens > 0:
+        """After an optimizer step: move the loss-free bias against this step's loads, reset them.
+        A step without tokens has all loads zero and so moves no bias: no check (and no host
+        read) needed."""
+        if self.balance.bias_rate > 0:
             update_loss_free_bias(self.bias_N, self.step_counts_N, self.sets, self.balance.bias_rate)
         self.step_counts_N.zero_()
         self.step_tokens.zero_()

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from moe_core.moe.grouped_gemm import grouped_matmul, grouped_mm_usable
+from moe_core.moe.dispatch import Dispatch
+from moe_core.moe.grouped_gemm import grouped_matmul, grouped_mm_usable, offsets_from_counts
+from moe_core.moe.swiglu import swiglu_backward
 
 CHUNK_BYTES = 2 << 20  # gathered input rows per chunk: fits the L2/L3 of common CPUs
 
@@ -71,9 +73,10 @@ class StreamedExperts(torch.autograd.Function):
             if r0 == r1:
                 continue
             tok = token_P[r0:r1]
-            h_R2F = grouped_matmul(x_TD.index_select(0, tok), w13_EDF2[e0:e1], counts[e0:e1])
+            offs = offsets_from_counts(counts[e0:e1])
+            h_R2F = grouped_matmul(x_TD.index_select(0, tok), w13_EDF2[e0:e1], offs)
             a_RF = F.silu(h_R2F[:, :width]).mul_(h_R2F[:, width:]).mul_(gates_P[r0:r1, None])
-            out_TD.index_add_(0, tok, grouped_matmul(a_RF, w2_EFD[e0:e1], counts[e0:e1]))
+            out_TD.index_add_(0, tok, grouped_matmul(a_RF, w2_EFD[e0:e1], offs))
             h_chunks.append(h_R2F)
         ctx.save_for_backward(x_TD, gates_P, w13_EDF2, w2_EFD, token_P, *h_chunks)
         ctx.counts, ctx.chunks = counts, chunks
@@ -98,25 +101,29 @@ class StreamedExperts(torch.autograd.Function):
                 dw2[e0:e1].zero_()
                 continue
             tok, counts = token_P[r0:r1], ctx.counts[e0:e1]
+            offs = offsets_from_counts(counts)
             dy_RD = dout_TD.index_select(0, tok)
             h_R2F = next(h_iter)
-            gate, up = h_R2F[:, :width], h_R2F[:, width:]
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
-            act = silu * up
+            act = F.silu(h_R2F[:, :width]) * h_R2F[:, width:]
             g_R1 = gates_P[r0:r1, None]
             _wgrad_groups(act * g_R1, dy_RD, counts, dw2[e0:e1])
-            d_act = grouped_matmul(dy_RD, w2_t[e0:e1], counts)
+            d_act = grouped_matmul(dy_RD, w2_t[e0:e1], offs)
             dgates_P[r0:r1] = (d_act * act).sum(dim=-1)
-            d_act.mul_(g_R1)
-            dh_R2F = torch.cat((d_act * up * sig * (1 + gate * (1 - sig)), d_act * silu), dim=-1)  # silu'
+            dh_R2F = swiglu_backward(h_R2F, d_act.mul_(g_R1))
             _wgrad_groups(x_TD.index_select(0, tok), dh_R2F, counts, dw13[e0:e1])
-            dx_TD.index_add_(0, tok, grouped_matmul(dh_R2F, w13_t[e0:e1], counts))
+            dx_TD.index_add_(0, tok, grouped_matmul(dh_R2F, w13_t[e0:e1], offs))
         return dx_TD, dgates_P, dw13, dw2, None, None, None
 
 
-def experts_streamed(x_TD, gates_P, w13_EDF2, w2_EFD, token_P, counts_E: torch.Tensor) -> torch.Tensor:
-    """Entry point: plan chunks from the per-expert counts (a host sync, free on CPU) and run."""
-    counts = counts_E.tolist()
+def experts_streamed(x_TD: torch.Tensor, gates_P: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch.Tensor,
+                     dispatch: Dispatch) -> torch.Tensor:
+    """Entry point: drop the rows over capacity, plan chunks from the per-expert counts (host
+    reads, free on a CPU) and run. Within an expert the kept rows come first, so the remaining
+    rows stay grouped by expert."""
+    token_P = dispatch.token_P
+    if dispatch.keep_P is not None:
+        rows = dispatch.keep_P.nonzero().squeeze(1)
+        token_P, gates_P = token_P.index_select(0, rows), gates_P.index_select(0, rows)
+    counts = dispatch.kept_E.tolist()
     rows = max(1, CHUNK_BYTES // (x_TD.shape[1] * x_TD.element_size()))
     return StreamedExperts.apply(x_TD, gates_P, w13_EDF2, w2_EFD, token_P, counts, plan_chunks(counts, rows))

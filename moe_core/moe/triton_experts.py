@@ -166,11 +166,9 @@ def grouped_wgrad(a: torch.Tensor, idx: torch.Tensor | None, g: torch.Tensor, of
 
 
 # -- the op: forward and backward as custom ops, joined by register_autograd ------------------
-def _pairs_to_tokens(rows_PD: torch.Tensor, pair_P: torch.Tensor, num_pairs: int, num_tokens: int) -> torch.Tensor:
-    """Sum each token's pair rows without atomics (as `dispatch.combine`): rows go back to
-    slot-major pair order (dropped pairs stay zero), then the K slots are summed."""
-    y = rows_PD.new_zeros(num_pairs, rows_PD.shape[-1]).index_copy(0, pair_P, rows_PD)
-    return y.view(-1, num_tokens, rows_PD.shape[-1]).sum(dim=0)
+def _pairs_to_tokens(rows_PD: torch.Tensor, row_P: torch.Tensor, num_pairs: int, num_tokens: int) -> torch.Tensor:
+    """Sum each token's pair rows without atomics (as `dispatch.combine`)."""
+    return rows_PD.index_select(0, row_P).view(-1, num_tokens, rows_PD.shape[-1]).sum(dim=0)
 
 
 @torch.library.custom_op("moe_sweep::triton_experts", mutates_args=())
@@ -242,5 +240,5 @@ def experts_triton(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, disp
                    gates_P: torch.Tensor) -> torch.Tensor:
     """The Triton backend: y_TD = sum over a token's kept pairs of gate * expert(x)."""
     y_TD, _, _ = triton_experts_op(x_TD.contiguous(), gates_P.contiguous(), w13, w2, dispatch.token_P,
-                                   dispatch.pair_P, dispatch.kept_E, dispatch.num_pairs)
+                                   dispatch.row_P, dispatch.routed_E, dispatch.num_pairs)
     return y_TD

@@ -1,0 +1,42 @@
+"""SwiGLU of the routed experts on pre-activations h = x @ [w1 | w3], with the per-pair gate,
+and its backward: one copy, shared by every expert backend that needs it.
+
+Shape legend: R rows (pairs), F expert width; h_R2F holds [gate | up] side by side.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def swiglu_backward(h_R2F: torch.Tensor, d_act_RF: torch.Tensor) -> torch.Tensor:
+    """d h for act = silu(gate) * up, given d act. silu'(z) = sigma(z) * (1 + z * (1 - sigma(z)))."""
+    width = d_act_RF.shape[-1]
+    gate, up = h_R2F[:, :width], h_R2F[:, width:]
+    sig = torch.sigmoid(gate)
+    return torch.cat((d_act_RF * up * sig * (1 + gate * (1 - sig)), d_act_RF * gate * sig), dim=-1)
+
+
+class _GatedSwiGLU(torch.autograd.Function):
+    """a = silu(gate) * up * g[:, None]. Saves only h and g (autograd would keep three more
+    (R, F) tensors); torch.compile fuses the elementwise work of both passes."""
+
+    @staticmethod
+    def forward(ctx, h_R2F: torch.Tensor, gates_R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h_R2F, gates_R)
+        width = h_R2F.shape[-1] // 2
+        return F.silu(h_R2F[:, :width]) * h_R2F[:, width:] * gates_R[:, None]
+
+    @staticmethod
+    def backward(ctx, d_a_RF: torch.Tensor):
+        h_R2F, gates_R = ctx.saved_tensors
+        width = h_R2F.shape[-1] // 2
+        act = F.silu(h_R2F[:, :width]) * h_R2F[:, width:]
+        d_gates = (d_a_RF * act).sum(dim=-1, dtype=torch.float32).to(gates_R.dtype)
+        return swiglu_backward(h_R2F, d_a_RF * gates_R[:, None]), d_gates
+
+
+def gated_swiglu(h_R2F: torch.Tensor, gates_R: torch.Tensor) -> torch.Tensor:
+    """silu(h[:, :F]) * h[:, F:] * gates[:, None], with a hand-written backward."""
+    return _GatedSwiGLU.apply(h_R2F, gates_R)
