@@ -21,20 +21,28 @@ than a fixed E * C slot buffer; at CF < 1 the dropped rows are computed and disc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
 
-def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+def capacity(capacity_factor: float | tuple[int, int], num_tokens: int, top_k: int, num_experts: int) -> int:
     """C = ceil(CF * T * k / n): the most pairs one expert may take in a micro-batch.
 
     Computed in exact rational arithmetic from CF's decimal form: in floats 1.1 * 100 is
-    110.00000000000001, whose ceiling would be one pair too many.
+    110.00000000000001, whose ceiling would be one pair too many. CF may be given as the
+    (numerator, denominator) of `capacity_ratio`, which is plain integer arithmetic here (what
+    torch.compile traces inside a layer).
     """
-    return math.ceil(Fraction(str(capacity_factor)) * num_tokens * top_k / num_experts)
+    num, den = capacity_factor if isinstance(capacity_factor, tuple) else capacity_ratio(capacity_factor)
+    return -(-num * num_tokens * top_k // (den * num_experts))
+
+
+def capacity_ratio(capacity_factor: float) -> tuple[int, int]:
+    """CF's decimal form as an exact fraction (numerator, denominator): 1.1 -> (11, 10)."""
+    frac = Fraction(str(capacity_factor))
+    return frac.numerator, frac.denominator
 
 
 @dataclass(frozen=True)

@@ -42,36 +42,102 @@ def offsets_from_counts(counts: torch.Tensor | list[int], device: torch.device |
 def grouped_matmul(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows of `a` in groups ending at `offsets_E`; group e is multiplied by b[e]. Differentiable.
 
-    Rows past the last offset are not part of any group; their output rows are unspecified.
+    Rows past the last offset belong to no group; their output rows are zero.
     """
-    num_groups = b_EXY.shape[0]
+    return grouped_mm_op(a_PX, b_EXY, offsets_E)
+
+
+def grouped_weight_grad(a_PX: torch.Tensor, g_PY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """out[e] = a[rows of e]^T @ g[rows of e], shape (E, X, Y); zeros for a group without rows."""
+    return grouped_wgrad_op(a_PX, g_PY, offsets_E)
+
+
+# -- custom ops: torch.compile sees them whole. `torch._grouped_mm`'s own fake (meta) kernel accepts
+# only bfloat16, so compiling the float32 CPU path through it would fail; these ops carry their
+# own shape functions and autograd, and call `torch._grouped_mm` (or the loop) when they run.
+@torch.library.custom_op("moe_sweep::grouped_mm", mutates_args=())
+def grouped_mm_op(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     if not grouped_mm_usable(a_PX, b_EXY):
         return _loop(a_PX, b_EXY, offsets_E)
+    num_groups = b_EXY.shape[0]
     if num_groups <= MAX_GROUPS_PER_CALL:
-        return torch._grouped_mm(a_PX, b_EXY, offs=offsets_E)
+        return _zero_tail(torch._grouped_mm(a_PX, b_EXY, offs=offsets_E), offsets_E)
     # Chunks of whole groups. A chunk's first row depends on the routing, so this reads the
     # chunk boundaries from the device once: the one host synchronisation left, and only for
     # more experts than one call takes.
     firsts = range(0, num_groups, MAX_GROUPS_PER_CALL)
     lasts = [min(e0 + MAX_GROUPS_PER_CALL, num_groups) - 1 for e0 in firsts]
-    ends = offsets_E[lasts].tolist()
-    parts, start = [], 0
-    for e0, e1, end in zip(firsts, lasts, ends):
-        parts.append(torch._grouped_mm(a_PX[start:end], b_EXY[e0 : e1 + 1], offs=offsets_E[e0 : e1 + 1] - start))
+    out = a_PX.new_zeros(a_PX.shape[0], b_EXY.shape[-1])
+    start = 0
+    for e0, e1, end in zip(firsts, lasts, offsets_E[lasts].tolist()):
+        if end > start:
+            out[start:end] = torch._grouped_mm(a_PX[start:end], b_EXY[e0 : e1 + 1], offs=offsets_E[e0 : e1 + 1] - start)
         start = end
-    return _pad_rows(parts, a_PX.shape[0] - start, b_EXY)
+    return out
 
 
-def _pad_rows(parts: list[torch.Tensor], tail: int, b_EXY: torch.Tensor) -> torch.Tensor:
-    """Concatenate the groups' outputs; rows outside every group come out as zeros."""
-    if tail > 0:
-        parts.append(parts[0].new_zeros(tail, b_EXY.shape[-1]) if parts else b_EXY.new_zeros(tail, b_EXY.shape[-1]))
-    return torch.cat(parts, dim=0)
+@grouped_mm_op.register_fake
+def _(a_PX, b_EXY, offsets_E):
+    return a_PX.new_empty(a_PX.shape[0], b_EXY.shape[-1])
+
+
+@torch.library.custom_op("moe_sweep::grouped_wgrad", mutates_args=())
+def grouped_wgrad_op(a_PX: torch.Tensor, g_PY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    num_groups = offsets_E.numel()
+    if not grouped_mm_usable(a_PX, g_PY):
+        ends = offsets_E.tolist()
+        out = a_PX.new_empty(num_groups, a_PX.shape[1], g_PY.shape[1])
+        for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends)):
+            torch.mm(a_PX[s:t].t(), g_PY[s:t], out=out[e])
+        return out
+    if num_groups <= MAX_GROUPS_PER_CALL:
+        out = torch._grouped_mm(a_PX.t(), g_PY, offs=offsets_E)
+    else:
+        firsts = range(0, num_groups, MAX_GROUPS_PER_CALL)
+        lasts = [min(e0 + MAX_GROUPS_PER_CALL, num_groups) - 1 for e0 in firsts]
+        parts, start = [], 0
+        for e0, e1, end in zip(firsts, lasts, offsets_E[lasts].tolist()):
+            offs = offsets_E[e0 : e1 + 1] - start
+            parts.append(torch._grouped_mm(a_PX[start:end].t(), g_PY[start:end], offs=offs))
+            start = end
+        out = torch.cat(parts)
+    # Not every implementation writes an empty group's slice: zero it on the device (no host read).
+    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
+    return torch.where((counts > 0)[:, None, None], out, 0)
+
+
+@grouped_wgrad_op.register_fake
+def _(a_PX, g_PY, offsets_E):
+    return a_PX.new_empty(offsets_E.shape[0], a_PX.shape[1], g_PY.shape[1])
+
+
+def _setup(ctx, inputs, output) -> None:
+    a_PX, b_EXY, offsets_E = inputs
+    ctx.save_for_backward(a_PX, b_EXY, offsets_E)
+
+
+def _backward(ctx, grad_PY):
+    a_PX, b_EXY, offsets_E = ctx.saved_tensors
+    grad_PY = grad_PY.contiguous()
+    grad_a = grouped_mm_op(grad_PY, b_EXY.transpose(1, 2), offsets_E) if ctx.needs_input_grad[0] else None
+    grad_b = grouped_wgrad_op(a_PX, grad_PY, offsets_E) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+grouped_mm_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _zero_tail(out_PY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows past the last group are left unwritten by some implementations: zero them on the device."""
+    rows = torch.arange(out_PY.shape[0], device=out_PY.device)
+    return torch.where((rows < offsets_E[-1])[:, None], out_PY, 0)
 
 
 def _loop(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """The plain per-group loop (one host read of the offsets); autograd records each matmul."""
+    """The plain per-group loop (one host read of the offsets)."""
     ends = offsets_E.tolist()
-    starts = [0, *ends[:-1]]
-    parts = [a_PX[s:e] @ b_EXY[g] for g, (s, e) in enumerate(zip(starts, ends))]
-    return _pad_rows(parts, a_PX.shape[0] - (ends[-1] if ends else 0), b_EXY)
+    out = a_PX.new_zeros(a_PX.shape[0], b_EXY.shape[-1])
+    for g, (s, e) in enumerate(zip([0, *ends[:-1]], ends)):
+        if e > s:
+            torch.mm(a_PX[s:e], b_EXY[g], out=out[s:e])
+    return out

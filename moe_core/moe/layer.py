@@ -21,7 +21,7 @@ from torch import nn
 from moe_core.config import ModelConfig
 from moe_core.layers import SwiGLU
 from moe_core.moe.balance import balance_probs, load_fraction, switch_loss, update_loss_free_bias, z_loss
-from moe_core.moe.dispatch import capacity, sort_by_expert
+from moe_core.moe.dispatch import capacity, capacity_ratio, sort_by_expert
 from moe_core.moe.experts import BACKENDS, ExpertBank, experts_reference, resolve_backend
 from moe_core.moe.router import Router, SetSlice, gate_values, random_experts, select_experts
 
@@ -79,6 +79,7 @@ class MoEFFN(nn.Module):
         self.layer, self.pool, self.router = layer, pool, router  # indices into the model's lists
         self.balance, self.router_cfg = moe.balance, moe.router
         self.capacity_factor, self.backend = moe.capacity_factor, moe.backend
+        self.capacity_ratio = None if moe.capacity_factor is None else capacity_ratio(moe.capacity_factor)
         offsets = [0, *accumulate(s.num_experts for s in moe.experts)]
         self.sets = tuple(SetSlice(o, s.num_experts, s.top_k) for o, s in zip(offsets, moe.experts))
         slot_offsets = [0, *accumulate(s.top_k for s in moe.experts)]
@@ -103,7 +104,7 @@ class MoEFFN(nn.Module):
         routed, kept = [], []
         for s, cols, bank in zip(self.sets, self.slot_cols, pool.sets):
             local_TK = ids_TK[:, cols] - s.offset
-            cap = None if self.capacity_factor is None else capacity(self.capacity_factor, num_tokens, s.top_k, s.num_experts)
+            cap = None if self.capacity_ratio is None else capacity(self.capacity_ratio, num_tokens, s.top_k, s.num_experts)
             dispatch = sort_by_expert(local_TK, s.num_experts, cap)
             y_TD = y_TD + self._experts(bank, x_TD, local_TK, gates_TK[:, cols], dispatch)
             routed.append(dispatch.routed_E)

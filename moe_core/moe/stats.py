@@ -22,16 +22,16 @@ from moe_core.config import ModelConfig
 from moe_core.moe.layer import LayerRouting
 
 
-def _expected_load(cfg: ModelConfig, num_tokens: int) -> torch.Tensor:
+def _expected_load(cfg: ModelConfig, num_tokens: int) -> list[float]:
     """Pairs each expert gets under perfect balance: T * k_s / n_s for the experts of set s."""
-    return torch.cat([torch.full((s.num_experts,), num_tokens * s.top_k / s.num_experts) for s in cfg.moe.experts])
+    return [num_tokens * s.top_k / s.num_experts for s in cfg.moe.experts for _ in range(s.num_experts)]
 
 
-def _jaccard(a_TK: torch.Tensor, b_TK: torch.Tensor) -> float:
+def _jaccard(a_TK: torch.Tensor, b_TK: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of |A & B| / |A | B| for the two layers' expert-id sets (ids unique per row)."""
     inter = (a_TK[:, :, None] == b_TK[:, None, :]).any(dim=-1).sum(dim=-1).float()
     union = a_TK.shape[1] + b_TK.shape[1] - inter
-    return float((inter / union).mean())
+    return (inter / union).mean()
 
 
 def _unique_per_row(ids_TX: torch.Tensor) -> torch.Tensor:
@@ -39,31 +39,58 @@ def _unique_per_row(ids_TX: torch.Tensor) -> torch.Tensor:
     return 1 + (s[:, 1:] != s[:, :-1]).sum(dim=-1)
 
 
+def _to_host(tensors: list[torch.Tensor]) -> list[list[float]]:
+    """Every tensor's values as a flat list, in one device-to-host transfer (float64 holds the
+    counts and ids exactly)."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).cpu().tolist()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()])
+        start += t.numel()
+    return out
+
+
 def summarize_routing(records: list[LayerRouting], cfg: ModelConfig, path_tokens: int = 16) -> dict[str, Any]:
+    """Routing statistics of one forward's records. Everything is reduced on the device and read
+    back in a single transfer, however many layers there are."""
     if not records:
         return {}
-    layers = []
+    by_pool: dict[int, list[LayerRouting]] = defaultdict(list)
     for r in records:
-        load = r.routed_N.cpu().float() / _expected_load(cfg, r.num_tokens)
-        total_pairs = int(r.routed_N.sum())
+        by_pool[r.pool].append(r)
+    pools = sorted(by_pool.items()) if cfg.moe.layout == "unipool" else []
+    device_values = (
+        [r.routed_N for r in records]
+        + [torch.stack([r.kept_N.sum() for r in records]), torch.stack([r.entropy.float() for r in records])]
+        + [torch.stack([_jaccard(a.ids_TK, b.ids_TK) for a, b in zip(records, records[1:])] or [records[0].entropy.new_zeros(())])]
+        + [torch.stack([r.ids_TK[:path_tokens, 0] for r in records], dim=1)]
+        + [torch.stack([(r.routed_N > 0) for r in recs]).sum(dim=0) for _, recs in pools]
+        + [_unique_per_row(torch.cat([r.ids_TK for r in recs], dim=-1)).float().mean() for _, recs in pools]
+    )
+    host = _to_host(device_values)
+    routed, (kept, entropy, jaccard, top1) = host[: len(records)], host[len(records) : len(records) + 4]
+    used_by, unique = host[len(records) + 4 : len(records) + 4 + len(pools)], host[len(records) + 4 + len(pools) :]
+    jaccard = jaccard if len(records) > 1 else []
+    layers = []
+    for i, r in enumerate(records):
+        total_pairs = sum(routed[i])
         layers.append(
             {
                 "layer": r.layer,
                 "pool": r.pool,
-                "tokens_per_expert": r.routed_N.cpu().tolist(),
-                "max_load": float(load.max()),
-                "dropped_fraction": 1.0 - int(r.kept_N.sum()) / max(total_pairs, 1),
-                "entropy": float(r.entropy),
-                "dead_experts": int((r.routed_N == 0).sum()),
+                "tokens_per_expert": [int(c) for c in routed[i]],
+                "max_load": max(c / e for c, e in zip(routed[i], _expected_load(cfg, r.num_tokens))),
+                "dropped_fraction": 1.0 - kept[i] / max(total_pairs, 1),
+                "entropy": entropy[i],
+                "dead_experts": sum(c == 0 for c in routed[i]),
             }
         )
-    jaccard = [_jaccard(a.ids_TK, b.ids_TK) for a, b in zip(records, records[1:])]
+    width = len(records)
     out: dict[str, Any] = {
         "layers": layers,
-        "paths": {
-            "top1": torch.stack([r.ids_TK[:path_tokens, 0] for r in records], dim=1).cpu().tolist(),
-            "jaccard": jaccard,
-        },
+        "paths": {"top1": [[int(v) for v in top1[t : t + width]] for t in range(0, len(top1), width)], "jaccard": jaccard},
         "summary": {
             "max_load": sum(x["max_load"] for x in layers) / len(layers),
             "dropped_fraction": sum(x["dropped_fraction"] for x in layers) / len(layers),
@@ -73,25 +100,14 @@ def summarize_routing(records: list[LayerRouting], cfg: ModelConfig, path_tokens
         },
     }
     if cfg.moe.layout == "unipool":
-        out["pools"] = _pool_stats(records)
-    return out
-
-
-def _pool_stats(records: list[LayerRouting]) -> list[dict[str, Any]]:
-    by_pool: dict[int, list[LayerRouting]] = defaultdict(list)
-    for r in records:
-        by_pool[r.pool].append(r)
-    pools = []
-    for pid, recs in sorted(by_pool.items()):
-        used_by = torch.stack([(r.routed_N > 0) for r in recs]).sum(dim=0).cpu()
-        ids = torch.cat([r.ids_TK for r in recs], dim=-1)
-        pools.append(
+        out["pools"] = [
             {
                 "pool": pid,
                 "layers": [r.layer for r in recs],
-                "used_fraction": float((used_by > 0).float().mean()),
-                "layers_per_expert": float(used_by.float().mean()),
-                "unique_experts_per_token": float(_unique_per_row(ids).float().mean()),
+                "used_fraction": sum(u > 0 for u in used) / len(used),
+                "layers_per_expert": sum(used) / len(used),
+                "unique_experts_per_token": uniq[0],
             }
-        )
-    return pools
+            for (pid, recs), used, uniq in zip(pools, used_by, unique)
+        ]
+    return out
