@@ -86,6 +86,14 @@ def evaluate(model: MoETransformer, data: TokenData, trial: TrialConfig, device:
     return losses
 
 
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To the GPU from pinned memory without blocking: a pageable copy would wait for the GPU
+    to finish the previous micro-batch first."""
+    if device.type != "cuda":
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -167,17 +175,19 @@ def train_trial(
             # DDP averages gradients once per optimizer step, on the last micro-batch.
             sync = nullcontext() if not dp.enabled or i == accum - 1 else wrapped.no_sync()
             with sync, _autocast(device):
-                result = step_fn(x.to(device), y.to(device))
+                result = step_fn(_to_device(x, device), _to_device(y, device))
                 (result.loss / accum).backward()
             for name, value in {"train_loss": result.ce, **result.balance}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / accum
-        sums = dp.mean({name: float(value) for name, value in sums.items()})
+        clip = trial.train.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # no step yet: see below
+        # The step's one read of device values: the losses and the gradient norm together.
+        *values, grad_norm = torch.stack([*sums.values(), norm.float().to(device)]).tolist()
+        sums = dp.mean(dict(zip(sums, values)))
         if not all(math.isfinite(v) for v in sums.values()):
             status = "diverged"
             rows.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, **sums, "lr": lr})
             break
-        clip = trial.train.grad_clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.finish_step(dp.sum_ if dp.enabled else None)
