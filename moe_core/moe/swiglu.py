@@ -6,6 +6,8 @@ Shape legend: R rows (pairs), F expert width; h_R2F holds [gate | up] side by si
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -33,10 +35,40 @@ class _GatedSwiGLU(torch.autograd.Function):
         h_R2F, gates_R = ctx.saved_tensors
         width = h_R2F.shape[-1] // 2
         act = F.silu(h_R2F[:, :width]) * h_R2F[:, width:]
-        d_gates = (d_a_RF * act).sum(dim=-1, dtype=torch.float32).to(gates_R.dtype)
+        acc = torch.promote_types(gates_R.dtype, torch.float32)  # at least float32 for the sum over F
+        d_gates = (d_a_RF * act).sum(dim=-1, dtype=acc).to(gates_R.dtype)
         return swiglu_backward(h_R2F, d_a_RF * gates_R[:, None]), d_gates
 
 
-def gated_swiglu(h_R2F: torch.Tensor, gates_R: torch.Tensor) -> torch.Tensor:
-    """silu(h[:, :F]) * h[:, F:] * gates[:, None], with a hand-written backward."""
-    return _GatedSwiGLU.apply(h_R2F, gates_R)
+class _FusedGatedSwiGLU(torch.autograd.Function):
+    """The same map, one Triton kernel per pass (`triton_swiglu.py`)."""
+
+    @staticmethod
+    def forward(ctx, h_R2F: torch.Tensor, gates_R: torch.Tensor) -> torch.Tensor:
+        from moe_core.moe.triton_swiglu import swiglu_forward
+
+        ctx.save_for_backward(h_R2F, gates_R)
+        return swiglu_forward(h_R2F, gates_R)
+
+    @staticmethod
+    def backward(ctx, d_a_RF: torch.Tensor):
+        from moe_core.moe.triton_swiglu import swiglu_backward_fused
+
+        h_R2F, gates_R = ctx.saved_tensors
+        return swiglu_backward_fused(h_R2F, gates_R, d_a_RF)
+
+
+def fused_kernels_available(t: torch.Tensor) -> bool:
+    """The Triton kernels run on CUDA tensors in eager mode (under torch.compile, inductor fuses
+    the plain version by itself)."""
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def gated_swiglu(h_R2F: torch.Tensor, gates_R: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """silu(h[:, :F]) * h[:, F:] * gates[:, None], with a hand-written backward; `fused` picks the
+    Triton kernels (default: where `fused_kernels_available`)."""
+    if fused is None:
+        fused = fused_kernels_available(h_R2F)
+    return (_FusedGatedSwiGLU if fused else _GatedSwiGLU).apply(h_R2F, gates_R)
