@@ -6,6 +6,7 @@ Shape legend: R rows (pairs), F expert width; h_R2F holds [gate | up] side by si
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -61,8 +62,11 @@ class _FusedGatedSwiGLU(torch.autograd.Function):
 def fused_kernels_available(t: torch.Tensor) -> bool:
     """The Triton kernels run on CUDA tensors in eager mode (under torch.compile, inductor fuses
     the plain version by itself)."""
-    if t.device.type != "cuda" or torch.compiler.is_compiling():
-        return False
+    return t.device.type == "cuda" and not torch.compiler.is_compiling() and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
