@@ -42,7 +42,8 @@ def offsets_from_counts(counts: torch.Tensor | list[int], device: torch.device |
 def grouped_matmul(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows of `a` in groups ending at `offsets_E`; group e is multiplied by b[e]. Differentiable.
 
-    Rows past the last offset belong to no group; their output rows are zero.
+    The groups must cover every row (offsets_E[-1] == rows of `a`, as for a dispatch's pairs):
+    zeroing rows past the last group would cost a pass over the output that the GEMM doesn't.
     """
     return grouped_mm_op(a_PX, b_EXY, offsets_E)
 
@@ -61,7 +62,7 @@ def grouped_mm_op(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tens
         return _loop(a_PX, b_EXY, offsets_E)
     num_groups = b_EXY.shape[0]
     if num_groups <= MAX_GROUPS_PER_CALL:
-        return _zero_tail(torch._grouped_mm(a_PX, b_EXY, offs=offsets_E), offsets_E)
+        return torch._grouped_mm(a_PX, b_EXY, offs=offsets_E)
     # Chunks of whole groups. A chunk's first row depends on the routing, so this reads the
     # chunk boundaries from the device once: the one host synchronisation left, and only for
     # more experts than one call takes.
@@ -125,12 +126,6 @@ def _backward(ctx, grad_PY):
 
 
 grouped_mm_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _zero_tail(out_PY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows past the last group are left unwritten by some implementations: zero them on the device."""
-    rows = torch.arange(out_PY.shape[0], device=out_PY.device)
-    return torch.where((rows < offsets_E[-1])[:, None], out_PY, 0)
 
 
 def _loop(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
