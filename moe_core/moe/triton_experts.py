@@ -1,23 +1,38 @@
-"""Triton kernels for routed SwiGLU experts: scattered-to-grouped matmuls, forward and backward.
+"""Triton kernels for routed SwiGLU experts: forward and backward with the gathers, the SwiGLU and
+the gate fused into the matmuls.
 
-Shape legend: T tokens, D model dim, E experts, F expert width, P kept (token, slot) pairs sorted
-by expert (see `dispatch.py`).
+Shape legend: T tokens, D model dim, E experts, F expert width, K slots, P = K * T rows ((token,
+slot) pairs sorted by expert, `dispatch.py`), M static number of row tiles.
 
 Design (after ScatterMoE, Tan et al. 2024):
-- Nothing is copied or padded before the first matmul: `gather_gemm` reads each pair's token row
-  of x through the sorted `token_P` index, in row tiles that never straddle two experts (a small
-  tile map built from the per-expert counts), and multiplies by that expert's weight.
-- The down projection's output is scaled by the pair's gate inside the kernel (fused epilogue).
-- The combine back to tokens stays the deterministic gather-and-sum of `dispatch.combine` (no
-  float atomics), also for the input gradient.
-- Weight gradients come from `grouped_wgrad`: one program per (expert, tile of the weight),
-  looping over that expert's rows; an expert with no rows gets zeros.
-- Accumulation is float32 for every input dtype; float32 inputs use IEEE products (no TF32), so
-  parity with the reference path is exact up to summation order.
+- Row tiles: BLOCK_M consecutive rows of one expert. The tile map (expert, start, end per tile) is
+  built on the device from `offsets_E` with a static tile count M = P // BLOCK_M + min(E, P), a
+  bound on the real count; the tiles past the real ones are empty (start == end) and their
+  programs return at once. No host read, and launch grids depend on shapes only.
+- Forward, two matmul kernels and a combine:
+  `_up_kernel`      h13 = x[token_P] @ w13[e] (the token rows read in place through token_P),
+                    the gate and up columns [j] and [F + j] in two accumulators; the epilogue
+                    stores h13 (P, 2F) for backward and a = silu(g) * u * gate (P, F).
+  `_gemm_kernel`    y_P = a @ w2[e] (contiguous rows).
+  `_combine_kernel` y_T[t] = sum over slots k of y_P[row_P[k * T + t]] (float32 sum, no atomics).
+- Backward:
+  `_dh_kernel`      dA = dy[token_P] @ w2[e]^T (dy rows read through token_P); the epilogue
+                    loads h13 and writes dh13 = SwiGLU'(h13) * dA * gate (P, 2F), and per-row
+                    partial sums of dA * silu(g) * u (the gate gradient) into a small float32
+                    (P, cdiv(F, MIN_BLOCK_N)) buffer, summed afterwards (no atomics).
+  `_gemm_kernel`    dx_P = dh13 @ w13[e]^T, then `_combine_kernel` to tokens.
+  `_wgrad_kernel`   dw13[e] = x[token_P]^T @ dh13 and dw2[e] = a^T @ dy[token_P] (x and dy rows
+                    read through token_P): one program per (weight tile, expert), looping over
+                    the expert's rows, the busiest experts first; an expert without rows gets
+                    zeros. Any number of experts up to 65,535 (CUDA's grid y limit), one launch.
+- Operands go into `tl.dot` in their own dtype (bf16/fp16 on tensor cores; fp32 with IEEE
+  products, no TF32) and accumulate in float32. Every tensor outside the kernels is in the
+  compute dtype except the (P, F / MIN_BLOCK_N) gate partials; nothing is cast or copied
+  around the kernels.
 
-The op is registered with `torch.library.custom_op` (forward and backward), so `torch.compile`
-traces around it. On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1`),
-which is how the parity tests run in CI; on CUDA they are compiled and autotuned.
+The op is a `torch.library.custom_op` (forward and backward joined by `register_autograd`), so
+`torch.compile` traces around it. On CPU the kernels run only under Triton's interpreter
+(`TRITON_INTERPRET=1`); on CUDA they are compiled and autotuned.
 """
 
 from __future__ import annotations
@@ -35,202 +50,427 @@ from moe_core.moe.dispatch import Dispatch
 # kernels multiply bfloat16 directly on the tensor cores, accumulating in float32 either way.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Autotuning candidates on GPU: a small list, keyed by the problem's K and N. Row tiles (BLOCK_M)
-# are fixed per call because the tile map depends on them. Under the interpreter one small
-# config keeps the tests fast.
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (256, 32, 8, 3)]
-]
-_CPU_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16})]
-_CONFIGS = _CPU_CONFIGS if INTERPRETED else _GPU_CONFIGS
-_WGRAD_CONFIGS = (
-    [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_M": 16})] if INTERPRETED else
-    [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=3)
-     for bk, bn, bm, w in [(64, 64, 32, 4), (128, 64, 32, 8), (64, 128, 64, 8), (128, 128, 32, 8)]]
-)
-BLOCK_M = 16 if INTERPRETED else 64  # rows per tile of the pair list
+# Row tiles per call. Fixed: the tile map depends on it. 64 rows is one Hopper wgmma atom and
+# wastes at most 63 padded rows per expert (fine-grained experts get a few hundred rows each).
+BLOCK_M = 16 if INTERPRETED else 64
+
+# GPU autotuning candidates (H100), keyed by the problem dims (and, by Triton, the dtypes). Every
+# config was compiled for sm_90 at D = 1024, F in {128, 256, 512, 1024, 4096}, bf16 and fp32
+# (`sm90_resource_report`): none left spills registers or needs over 227 KB of shared memory for
+# the operand widths it is marked for (16: bf16/fp16, 32: float32, whose IEEE dots run on CUDA
+# cores and hold more registers); the others were dropped.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, operand bits)
+_UP = [(64, 64, 4, 4, (16, 32)), (128, 64, 8, 3, (16, 32)), (128, 64, 8, 4, (16,)), (64, 128, 4, 3, (16,)),
+       (128, 128, 8, 2, (16,))]
+_GEMM = [(64, 64, 4, 4, (16, 32)), (128, 64, 4, 4, (16,)), (128, 64, 8, 3, (16,)), (256, 64, 8, 3, (16,)),
+         (128, 128, 8, 3, (16,)), (64, 64, 8, 3, (32,)), (128, 64, 8, 2, (32,))]
+_DH = [(64, 64, 4, 4, (16, 32)), (64, 64, 8, 3, (16, 32)), (128, 64, 8, 3, (16, 32)), (64, 128, 8, 3, (16, 32)),
+       (128, 128, 8, 2, (16,))]
+# (BLOCK_K, BLOCK_N, BLOCK_M rows per step, num_warps, num_stages, operand bits)
+_WGRAD = [(64, 128, 64, 4, 3, (16, 32)), (128, 128, 64, 8, 3, (16, 32)), (128, 64, 64, 4, 4, (16, 32)),
+          (128, 256, 64, 8, 3, (16,)), (64, 64, 64, 4, 4, (16, 32))]
+_COMBINE = (16, 256, 4)  # BLOCK_T, BLOCK_N, num_warps: memory bound, one config
 
 
+def _config(kwargs, warps=4, stages=3, bits=(16, 32)):
+    c = triton.Config(kwargs, num_warps=warps, num_stages=stages)
+    c.operand_bits = bits
+    return c
+
+
+def _configs(table):
+    if INTERPRETED:  # one small config keeps the parity tests fast
+        return [_config({"BLOCK_N": 32, "BLOCK_K": 32})]
+    return [_config({"BLOCK_N": n, "BLOCK_K": k}, w, s, bits) for n, k, w, s, bits in table]
+
+
+def _wgrad_configs():
+    if INTERPRETED:
+        return [_config({"BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_M": 16})]
+    return [_config({"BLOCK_K": k, "BLOCK_N": n, "BLOCK_M": m}, w, s, bits) for k, n, m, w, s, bits in _WGRAD]
+
+
+def _for_dtype_of(arg: str) -> dict:
+    """Autotuning prunes to the configs marked for the operand width of `arg`."""
+    def prune(configs, named_args, **kwargs):
+        return [c for c in configs if named_args[arg].element_size() * 8 in c.operand_bits]
+    return {"early_config_prune": prune}
+
+
+_DH_CONFIGS = _configs(_DH)
+# The gate partials have one column per MIN_BLOCK_N columns of F whatever config runs, so the
+# buffer's shape is fixed before autotuning picks one (see `_dh_kernel`). Interpreted, 16 < 32
+# exercises the programs that own more than one column.
+MIN_BLOCK_N = 16 if INTERPRETED else 64
+assert all(c.kwargs["BLOCK_N"] % MIN_BLOCK_N == 0 for c in _DH_CONFIGS)
+_EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
+
+
+@triton.autotune(configs=_configs(_UP), key=["K", "F"], prune_configs_by=_for_dtype_of("x_ptr"))
+@triton.heuristics(_EVEN_K)
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b accumulated in float32: IEEE products for float32 (no TF32)."""
-    if UPCAST:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.autotune(configs=_CONFIGS, key=["K", "N"])
-@triton.jit
-def _gather_gemm_kernel(
-    a_ptr, idx_ptr, b_ptr, c_ptr, scale_ptr, tile_e_ptr, tile_start_ptr, tile_end_ptr,
-    K, N, stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-    HAS_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+def _up_kernel(
+    x_ptr, token_ptr, w_ptr, gate_ptr, h13_ptr, a_ptr, tiles_ptr, num_tiles,
+    K, F, stride_xt, stride_we, stride_wk, stride_wf, stride_h, stride_a,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C[r] = A[idx[r]] @ B[e(r)] (* scale[r]) for the rows r of one tile, all of one expert."""
-    pid_t, pid_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(tile_e_ptr + pid_t).to(tl.int64)
-    start, end = tl.load(tile_start_ptr + pid_t), tl.load(tile_end_ptr + pid_t)
+    """h13[r] = x[token[r]] @ w13[e]; a[r] = silu(h13[r, :F]) * h13[r, F:] * gate[r]."""
+    pid = tl.program_id(0)  # this program's row tile (see `tile_map`)
+    e = tl.load(tiles_ptr + pid).to(tl.int64)
+    start = tl.load(tiles_ptr + num_tiles + pid)
+    end = tl.load(tiles_ptr + 2 * num_tiles + pid)
+    if start >= end:
+        return
     rows = start + tl.arange(0, BLOCK_M)
     rmask = rows < end
-    src = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64) if HAS_IDX else rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rows = tl.where(rmask, rows, start).to(tl.int64)  # clamped into the tile: loads need no row mask
+    tok = tl.load(token_ptr + rows).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :]
+    wg_ptrs = w_ptr + e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wf
+    wu_ptrs = wg_ptrs + F * stride_wf
+    acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptr + e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc += _dot(a, b, IEEE, UPCAST)
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wg = tl.load(wg_ptrs, mask=cmask[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = k0 + ks < K
+            xt = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            xt, wg, wu = xt.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        acc_g = tl.dot(xt, wg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(xt, wu, acc_u, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K * stride_wk
+        wu_ptrs += BLOCK_K * stride_wk
+    # The activation is computed from the stored (rounded) pre-activations, as backward sees them.
+    g = acc_g.to(h13_ptr.dtype.element_ty)
+    u = acc_u.to(h13_ptr.dtype.element_ty)
+    mask = rmask[:, None] & cmask[None, :]
+    h_ptrs = h13_ptr + rows[:, None] * stride_h + cols[None, :]
+    tl.store(h_ptrs, g, mask=mask)
+    tl.store(h_ptrs + F, u, mask=mask)
+    g, u = g.to(tl.float32), u.to(tl.float32)
+    gate = tl.load(gate_ptr + rows).to(tl.float32)
+    act = g / (1 + tl.exp(-g)) * u * gate[:, None]
+    tl.store(a_ptr + rows[:, None] * stride_a + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(_GEMM), key=["K", "N"], prune_configs_by=_for_dtype_of("a_ptr"))
+@triton.heuristics(_EVEN_K)
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, tiles_ptr, num_tiles,
+    K, N, stride_a, stride_be, stride_bk, stride_bn, stride_c,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """c[r] = a[r] @ b[e] for the contiguous rows r of one expert's tile (`b` any strides)."""
+    pid = tl.program_id(0)  # this program's row tile (see `tile_map`)
+    e = tl.load(tiles_ptr + pid).to(tl.int64)
+    start = tl.load(tiles_ptr + num_tiles + pid)
+    end = tl.load(tiles_ptr + 2 * num_tiles + pid)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    rows = tl.where(rmask, rows, start).to(tl.int64)  # clamped into the tile: loads need no row mask
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_a + ks[None, :]
+    b_ptrs = b_ptr + e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = k0 + ks < K
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    tl.store(c_ptr + rows[:, None] * stride_c + cols[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["K", "N"])
+@triton.autotune(configs=_DH_CONFIGS, key=["K", "F"], prune_configs_by=_for_dtype_of("dy_ptr"))
+@triton.heuristics(_EVEN_K)
 @triton.jit
-def _grouped_wgrad_kernel(
-    a_ptr, idx_ptr, g_ptr, w_ptr, offs_ptr,
-    K, N, stride_am, stride_ak, stride_gm, stride_gn, stride_we, stride_wk, stride_wn,
-    HAS_IDX: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+def _dh_kernel(
+    dy_ptr, token_ptr, w_ptr, gate_ptr, h13_ptr, dh13_ptr, dgate_ptr, tiles_ptr, num_tiles,
+    K, F, num_parts, stride_dy, stride_we, stride_wf, stride_wk, stride_h,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, MIN_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """W[e] = A[idx[rows of e]]^T @ G[rows of e]: one (expert, K tile, N tile) per program."""
-    e, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, end = tl.load(offs_ptr + e), tl.load(offs_ptr + e + 1)
+    """dA = dy[token[r]] @ w2[e]^T; dh13[r] = SwiGLU'(h13[r]) * dA * gate[r]; gate partials
+    sum_f dA * silu(g) * u for this program's columns."""
+    pid = tl.program_id(0)  # this program's row tile (see `tile_map`)
+    e = tl.load(tiles_ptr + pid).to(tl.int64)
+    start = tl.load(tiles_ptr + num_tiles + pid)
+    end = tl.load(tiles_ptr + 2 * num_tiles + pid)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    rows = tl.where(rmask, rows, start).to(tl.int64)  # clamped into the tile: loads need no row mask
+    pid_n = tl.program_id(1)
+    tok = tl.load(token_ptr + rows).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    dy_ptrs = dy_ptr + tok[:, None] * stride_dy + ks[None, :]
+    w_ptrs = w_ptr + e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wf  # w2[e]^T
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            dy = tl.load(dy_ptrs)
+            w = tl.load(w_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = k0 + ks < K
+            dy = tl.load(dy_ptrs, mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            dy, w = dy.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+        dy_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    mask = rmask[:, None] & cmask[None, :]
+    h_ptrs = h13_ptr + rows[:, None] * stride_h + cols[None, :]
+    g = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+    sig = 1 / (1 + tl.exp(-g))
+    silu = g * sig
+    part = tl.sum(acc * silu * u, axis=1)  # masked columns: g = u = 0
+    gate = tl.load(gate_ptr + rows).to(tl.float32)
+    d_act = acc * gate[:, None]
+    d_ptrs = dh13_ptr + rows[:, None] * stride_h + cols[None, :]
+    tl.store(d_ptrs, (d_act * u * sig * (1 + g * (1 - sig))).to(dh13_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_ptrs + F, (d_act * silu).to(dh13_ptr.dtype.element_ty), mask=mask)
+    # This program owns partial columns [pid_n * R, (pid_n + 1) * R): its sum goes in the first,
+    # zeros in the others, so every column is written whatever BLOCK_N the autotuner picked.
+    R: tl.constexpr = BLOCK_N // MIN_BLOCK_N
+    j = pid_n * R + tl.arange(0, R)
+    vals = tl.where(tl.arange(0, R)[None, :] == 0, part[:, None], 0.0)
+    tl.store(dgate_ptr + rows[:, None] * num_parts + j[None, :], vals, mask=rmask[:, None] & (j < num_parts)[None, :])
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["K", "N"], prune_configs_by=_for_dtype_of("a_ptr"))
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, a_idx_ptr, g_ptr, g_idx_ptr, w_ptr, offsets_ptr, order_ptr,
+    K, N, stride_a, stride_g, stride_we, stride_wk, stride_wn,
+    A_IDX: tl.constexpr, G_IDX: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """w[e] = A[rows of e]^T @ G[rows of e] for the expert e = order[program_id(1)], one weight
+    tile per program_id(0); A and G rows read through an index when given."""
+    e = tl.load(order_ptr + tl.program_id(1))
+    num_n = (N + BLOCK_N - 1) // BLOCK_N  # (tl.cdiv, tl.sigmoid and tl.zeros: jit calls, slow interpreted)
+    pid_k, pid_n = tl.program_id(0) // num_n, tl.program_id(0) % num_n
+    start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
+    end = tl.load(offsets_ptr + e)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask, nmask = ks < K, ns < N
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < end
-        src = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64) if HAS_IDX else rows.to(tl.int64)
-        a = tl.load(a_ptr + src[None, :] * stride_am + ks[:, None] * stride_ak, mask=kmask[:, None] & rmask[None, :], other=0.0)
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + ns[None, :] * stride_gn, mask=rmask[:, None] & nmask[None, :], other=0.0)
-        acc += _dot(a, g, IEEE, UPCAST)
+        rows = tl.where(rmask, rows, start)
+        a_rows = tl.load(a_idx_ptr + rows) if A_IDX else rows
+        g_rows = tl.load(g_idx_ptr + rows) if G_IDX else rows
+        a = tl.load(a_ptr + a_rows.to(tl.int64)[None, :] * stride_a + ks[:, None],
+                    mask=kmask[:, None] & rmask[None, :], other=0.0)
+        g = tl.load(g_ptr + g_rows.to(tl.int64)[:, None] * stride_g + ns[None, :],
+                    mask=rmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            a, g = a.to(tl.float32), g.to(tl.float32)
+        acc = tl.dot(a, g, acc, input_precision=PRECISION)
     tl.store(w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + ns[None, :] * stride_wn,
              acc.to(w_ptr.dtype.element_ty), mask=kmask[:, None] & nmask[None, :])
 
 
-def _tiles(counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row tiles of BLOCK_M pairs that never straddle experts: (expert, start, end) per tile."""
-    counts = counts_E.to(torch.int64)
-    ends = torch.cumsum(counts, 0)
+@triton.jit
+def _combine_kernel(rows_ptr, row_ptr, out_ptr, T, N, num_slots, stride_r, stride_o,
+                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t] = sum over slots k of rows[row[k * T + t]], in float32, slots in order."""
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tmask, cmask = toks < T, cols < N
+    acc = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)
+    for k in range(0, num_slots):
+        r = tl.load(row_ptr + k * T + toks, mask=tmask, other=0).to(tl.int64)
+        acc += tl.load(rows_ptr + r[:, None] * stride_r + cols[None, :], mask=tmask[:, None] & cmask[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + toks.to(tl.int64)[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=tmask[:, None] & cmask[None, :])
+
+
+# -- launchers ----------------------------------------------------------------------------------
+def num_row_tiles(num_pairs: int, num_experts: int, block_m: int = BLOCK_M) -> int:
+    """Static bound on the row tiles of any routing: an expert with c rows takes ceil(c / BLOCK_M)
+    <= floor(c / BLOCK_M) + 1 tiles, and at most min(E, P) experts have rows."""
+    return num_pairs // block_m + min(num_experts, num_pairs)
+
+
+def tile_map(offsets_E: torch.Tensor, num_pairs: int, block_m: int = BLOCK_M) -> torch.Tensor:
+    """int32 (3, M): expert, start row and end row of each BLOCK_M row tile, tiles never
+    straddling experts; M = `num_row_tiles` (static), the tiles past the real ones empty
+    (start == end == 0). Device ops only: no host read."""
+    E = offsets_E.numel()
+    ends = offsets_E.to(torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
     starts = ends - counts
-    per = (counts + BLOCK_M - 1) // BLOCK_M
-    tile_e = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), per)
-    first = torch.cumsum(per, 0) - per
-    within = torch.arange(tile_e.numel(), device=counts.device) - first[tile_e]
-    tile_start = starts[tile_e] + within * BLOCK_M
-    return tile_e.to(torch.int32), tile_start.to(torch.int32), ends[tile_e].to(torch.int32)
+    per = (counts + block_m - 1) // block_m
+    tile_ends = torch.cumsum(per, 0)
+    t = torch.arange(num_row_tiles(num_pairs, E, block_m), device=offsets_E.device)
+    e = torch.searchsorted(tile_ends, t, right=True)  # the first expert whose tiles end past t
+    real = e < E
+    e = e.clamp(max=E - 1)
+    start = starts[e] + (t - (tile_ends - per)[e]) * block_m
+    end = torch.minimum(start + block_m, ends[e])
+    zero = torch.zeros_like(start)
+    return torch.stack((e, torch.where(real, start, zero), torch.where(real, end, zero))).to(torch.int32)
 
 
-def gather_gemm(a: torch.Tensor, idx: torch.Tensor | None, b_EKN: torch.Tensor, tiles: tuple, num_rows: int,
-                scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rows r (grouped by expert as in `tiles`): a[idx[r]] @ b[e(r)] (* scale[r]). `b_EKN` may be
-    a transposed view (any strides)."""
-    K, N = b_EKN.shape[1], b_EKN.shape[2]
-    c = torch.empty(num_rows, N, device=a.device, dtype=out_dtype or a.dtype)
-    tile_e, tile_start, tile_end = tiles
-    if num_rows == 0 or tile_e.numel() == 0:
-        return c.zero_()
-    grid = lambda meta: (tile_e.numel(), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _gather_gemm_kernel[grid](
-        a, idx if idx is not None else tile_e, b_EKN, c, scale if scale is not None else a, tile_e, tile_start, tile_end,
-        K, N, a.stride(0), a.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), c.stride(0), c.stride(1),
-        HAS_IDX=idx is not None, HAS_SCALE=scale is not None, IEEE=a.dtype == torch.float32, UPCAST=INTERPRETED,
-        BLOCK_M=BLOCK_M,
-    )
+def _flags(x: torch.Tensor) -> dict:
+    """float32 operands multiply with IEEE products (no TF32; the precision setting does nothing for
+    16-bit operands). UPCAST: see INTERPRETED."""
+    return {"PRECISION": "ieee" if x.dtype == torch.float32 else "tf32", "UPCAST": INTERPRETED}
+
+
+def _gemm(a: torch.Tensor, b_EKN: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """Rows of `a` (grouped as in `tiles`) times their expert's b (any strides)."""
+    P, N = a.shape[0], b_EKN.shape[2]
+    c = a.new_empty(P, N)
+    M = tiles.shape[1]
+    if M:
+        _gemm_kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](
+            a, b_EKN, c, tiles, M, b_EKN.shape[1], N, a.stride(0), *b_EKN.stride(), c.stride(0),
+            BLOCK_M=BLOCK_M, **_flags(a))
     return c
 
 
-def grouped_wgrad(a: torch.Tensor, idx: torch.Tensor | None, g: torch.Tensor, offsets: torch.Tensor,
-                  num_experts: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """W[e] = a[idx[rows of e]]^T @ g[rows of e], shape (E, a.shape[1], g.shape[1])."""
-    K, N = a.shape[1], g.shape[1]
-    w = torch.empty(num_experts, K, N, device=a.device, dtype=out_dtype)
-    grid = lambda meta: (num_experts, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _grouped_wgrad_kernel[grid](
-        a, idx if idx is not None else offsets, g, w, offsets,
-        K, N, a.stride(0), a.stride(1), g.stride(0), g.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        HAS_IDX=idx is not None, IEEE=a.dtype == torch.float32, UPCAST=INTERPRETED,
-    )
+def expert_order(offsets_E: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """The experts the weight-gradient programs take, busiest first (they loop over all of an
+    expert's rows, so the longest start first), at most one per row: min(E, P) of them. Past P
+    experts the rest have no rows for sure and are zeroed without a program."""
+    ends = offsets_E.to(torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    order = torch.argsort(counts, descending=True, stable=True)
+    return order[: min(offsets_E.numel(), num_pairs)].to(torch.int32)
+
+
+def _wgrad(a, a_idx, g, g_idx, offsets_E: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(E, a.shape[1], g.shape[1]): a[rows of e]^T @ g[rows of e], rows through the indices."""
+    E, K, N, S = offsets_E.numel(), a.shape[1], g.shape[1], order.numel()
+    # Every expert gets a program when E <= P (one without rows writes zeros); with more experts
+    # than rows, those left out are zeroed here (the same bytes the programs would write).
+    w = a.new_empty(E, K, N) if S == E else a.new_zeros(E, K, N)
+    if S:
+        _wgrad_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), S)](
+            a, a_idx if a_idx is not None else offsets_E, g, g_idx if g_idx is not None else offsets_E, w, offsets_E,
+            order, K, N, a.stride(0), g.stride(0), *w.stride(), A_IDX=a_idx is not None, G_IDX=g_idx is not None,
+            **_flags(a))
     return w
 
 
-# -- the op: forward and backward as custom ops, joined by register_autograd ------------------
-def _pairs_to_tokens(rows_PD: torch.Tensor, row_P: torch.Tensor, num_pairs: int, num_tokens: int) -> torch.Tensor:
-    """Sum each token's pair rows without atomics (as `dispatch.combine`)."""
-    return rows_PD.index_select(0, row_P).view(-1, num_tokens, rows_PD.shape[-1]).sum(dim=0)
+def _combine(rows_PN: torch.Tensor, row_P: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Each token's sum over its K rows (as `dispatch._sum_pairs`), without the gathered copy."""
+    P, N = rows_PN.shape
+    out = rows_PN.new_empty(num_tokens, N)
+    if num_tokens and N:
+        bt, bn, w = _COMBINE
+        _combine_kernel[(triton.cdiv(num_tokens, bt), triton.cdiv(N, bn))](
+            rows_PN, row_P, out, num_tokens, N, P // num_tokens, rows_PN.stride(0), out.stride(0),
+            BLOCK_T=bt, BLOCK_N=bn, num_warps=w)
+    return out
 
 
+# -- the op: forward and backward as custom ops, joined by register_autograd --------------------
 @torch.library.custom_op("moe_sweep::triton_experts", mutates_args=())
-def triton_experts_op(x_TD: torch.Tensor, gates_P: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      token_P: torch.Tensor, pair_P: torch.Tensor, kept_E: torch.Tensor,
-                      num_pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y_TD combined output, a13_PF2 pre-activations, h_PF hidden) for pairs sorted by expert."""
-    tiles = _tiles(kept_E)
-    P = token_P.numel()
-    a13 = gather_gemm(x_TD, token_P, w13, tiles, P)  # tokens read in place through token_P
-    gate, up = a13.chunk(2, dim=-1)
-    h = (torch.nn.functional.silu(gate.float()) * up.float()).to(x_TD.dtype)
-    y_PD = gather_gemm(h, None, w2, tiles, P, scale=gates_P)  # gate fused into the output
-    return _pairs_to_tokens(y_PD, pair_P, num_pairs, x_TD.shape[0]), a13, h
+def triton_experts_op(
+    x_TD: torch.Tensor, gates_P: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+    token_P: torch.Tensor, row_P: torch.Tensor, offsets_E: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_TD, h13_P2F pre-activations, a_PF gated activations, tile map), rows sorted by expert.
+    x, gates and weights of one dtype; the weights may have any strides."""
+    P, F = token_P.numel(), w2.shape[1]
+    x_TD, gates_P, token_P, row_P = x_TD.contiguous(), gates_P.contiguous(), token_P.contiguous(), row_P.contiguous()
+    tiles = tile_map(offsets_E, P)
+    h13 = x_TD.new_empty(P, 2 * F)
+    a = x_TD.new_empty(P, F)
+    M = tiles.shape[1]
+    if M:
+        _up_kernel[lambda meta: (M, triton.cdiv(F, meta["BLOCK_N"]))](
+            x_TD, token_P, w13, gates_P, h13, a, tiles, M, x_TD.shape[1], F, x_TD.stride(0), *w13.stride(),
+            h13.stride(0), a.stride(0), BLOCK_M=BLOCK_M, **_flags(x_TD))
+    y_PD = _gemm(a, w2, tiles)
+    return _combine(y_PD, row_P, x_TD.shape[0]), h13, a, tiles
 
 
 @triton_experts_op.register_fake
-def _(x_TD, gates_P, w13, w2, token_P, pair_P, kept_E, num_pairs):
-    P, F2 = token_P.shape[0], w13.shape[2]
-    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(P, F2), x_TD.new_empty(P, F2 // 2)
+def _(x_TD, gates_P, w13, w2, token_P, row_P, offsets_E):
+    P, F = token_P.shape[0], w2.shape[1]
+    M = num_row_tiles(P, offsets_E.shape[0])
+    return (x_TD.new_empty(x_TD.shape), x_TD.new_empty(P, 2 * F), x_TD.new_empty(P, F),
+            offsets_E.new_empty(3, M, dtype=torch.int32))
 
 
 @torch.library.custom_op("moe_sweep::triton_experts_backward", mutates_args=())
 def triton_experts_backward_op(
     dy_TD: torch.Tensor, x_TD: torch.Tensor, gates_P: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-    token_P: torch.Tensor, pair_P: torch.Tensor, kept_E: torch.Tensor, a13: torch.Tensor, h: torch.Tensor, num_pairs: int,
+    token_P: torch.Tensor, row_P: torch.Tensor, offsets_E: torch.Tensor, tiles: torch.Tensor,
+    h13: torch.Tensor, a: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d x_TD, d gates_P, d w13, d w2)."""
-    tiles = _tiles(kept_E)
-    P, E = token_P.numel(), w13.shape[0]
-    offsets = torch.cat([kept_E.new_zeros(1), torch.cumsum(kept_E, 0)]).to(torch.int32)
-    dy = dy_TD.contiguous().index_select(0, token_P)  # each pair gets its token's output gradient
-    dhu = gather_gemm(dy, None, w2.transpose(1, 2), tiles, P, out_dtype=torch.float32)  # dy @ w2^T, ungated
-    d_gates = (dhu * h.float()).sum(-1).to(gates_P.dtype)
-    dh = dhu * gates_P.float()[:, None]
-    dyg = (dy.float() * gates_P.float()[:, None]).to(dy.dtype)
-    dw2 = grouped_wgrad(h, None, dyg, offsets, E, torch.float32).to(w2.dtype)
-    gate, up = a13.float().chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    d13 = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], dim=-1).to(x_TD.dtype)
-    dX_PD = gather_gemm(d13, None, w13.transpose(1, 2), tiles, P)  # d13 @ w13^T
-    dw13 = grouped_wgrad(x_TD, token_P, d13, offsets, E, torch.float32).to(w13.dtype)
-    return _pairs_to_tokens(dX_PD, pair_P, num_pairs, x_TD.shape[0]), d_gates, dw13, dw2
+    P, F = token_P.numel(), w2.shape[1]
+    dy_TD, x_TD, gates_P, token_P, row_P = (t.contiguous() for t in (dy_TD, x_TD, gates_P, token_P, row_P))
+    M = tiles.shape[1]
+    dh13 = h13.new_empty(P, 2 * F)
+    num_parts = triton.cdiv(F, MIN_BLOCK_N)
+    parts = torch.empty(P, num_parts, device=x_TD.device, dtype=torch.float32)
+    if M:
+        _dh_kernel[lambda meta: (M, triton.cdiv(F, meta["BLOCK_N"]))](
+            dy_TD, token_P, w2, gates_P, h13, dh13, parts, tiles, M, x_TD.shape[1], F, num_parts,
+            dy_TD.stride(0), *w2.stride(), h13.stride(0), MIN_BLOCK_N=MIN_BLOCK_N, BLOCK_M=BLOCK_M, **_flags(x_TD))
+    d_gates = parts.sum(dim=1).to(gates_P.dtype)
+    dx_TD = _combine(_gemm(dh13, w13.transpose(1, 2), tiles), row_P, x_TD.shape[0])
+    order = expert_order(offsets_E, P)
+    dw13 = _wgrad(x_TD, token_P, dh13, None, offsets_E, order)
+    dw2 = _wgrad(a, None, dy_TD, token_P, offsets_E, order)
+    return dx_TD, d_gates, dw13, dw2
 
 
 @triton_experts_backward_op.register_fake
-def _(dy_TD, x_TD, gates_P, w13, w2, token_P, pair_P, kept_E, a13, h, num_pairs):
-    return x_TD.new_empty(x_TD.shape), gates_P.new_empty(gates_P.shape), w13.new_empty(w13.shape), w2.new_empty(w2.shape)
+def _(dy_TD, x_TD, gates_P, w13, w2, token_P, row_P, offsets_E, tiles, h13, a):
+    return tuple(t.new_empty(t.shape) for t in (x_TD, gates_P, w13, w2))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_TD, gates_P, w13, w2, token_P, pair_P, kept_E, num_pairs = inputs
-    _, a13, h = output
-    ctx.num_pairs = num_pairs
-    ctx.save_for_backward(x_TD, gates_P, w13, w2, token_P, pair_P, kept_E, a13, h)
+    x_TD, gates_P, w13, w2, token_P, row_P, offsets_E = inputs
+    _, h13, a, tiles = output
+    ctx.save_for_backward(x_TD, gates_P, w13, w2, token_P, row_P, offsets_E, tiles, h13, a)
 
 
-def _backward(ctx, dy_TD, _da13, _dh):
-    x_TD, gates_P, w13, w2, token_P, pair_P, kept_E, a13, h = ctx.saved_tensors
-    dx, d_gates, dw13, dw2 = triton_experts_backward_op(dy_TD, x_TD, gates_P, w13, w2, token_P, pair_P, kept_E, a13, h,
-                                                        ctx.num_pairs)
-    return dx, d_gates, dw13, dw2, None, None, None, None
+def _backward(ctx, dy_TD, _dh13, _da, _dtiles):
+    x_TD, gates_P, w13, w2, token_P, row_P, offsets_E, tiles, h13, a = ctx.saved_tensors
+    dx, d_gates, dw13, dw2 = triton_experts_backward_op(
+        dy_TD.to(x_TD.dtype), x_TD, gates_P, w13, w2, token_P, row_P, offsets_E, tiles, h13, a)
+    return dx, d_gates, dw13, dw2, None, None, None
 
 
 triton_experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -238,7 +478,109 @@ triton_experts_op.register_autograd(_backward, setup_context=_setup_context)
 
 def experts_triton(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, dispatch: Dispatch,
                    gates_P: torch.Tensor) -> torch.Tensor:
-    """The Triton backend: y_TD = sum over a token's kept pairs of gate * expert(x)."""
-    y_TD, _, _ = triton_experts_op(x_TD.contiguous(), gates_P.contiguous(), w13, w2, dispatch.token_P,
-                                   dispatch.row_P, dispatch.routed_E, dispatch.num_pairs)
+    """The Triton backend: y_TD = sum over a token's kept rows of gate * expert(x). Operands in
+    one compute dtype (`experts.cast_for_experts`); gates_P zero for dropped rows."""
+    y_TD, _, _, _ = triton_experts_op(x_TD, gates_P.to(x_TD.dtype), w13, w2, dispatch.token_P, dispatch.row_P,
+                                      dispatch.offsets_E)
     return y_TD
+
+
+# -- ahead-of-time resource check ---------------------------------------------------------------
+_KERNELS = ("_up_kernel", "_gemm_kernel", "_dh_kernel", "_wgrad_kernel", "_combine_kernel")
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
+
+
+def _captured_launches(x_TD, w13, w2, num_pairs):
+    """Run forward and backward on meta tensors with every launch recorded, not run:
+    [(kernel name, kernel, positional args, keyword args)]."""
+    launches = []
+
+    class Capture:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, self.kernel, args, kwargs))
+
+    saved = {name: globals()[name] for name in _KERNELS}
+    globals().update({name: Capture(name, k) for name, k in saved.items()})
+    try:
+        E, T = w13.shape[0], x_TD.shape[0]
+        token_P = torch.arange(num_pairs, device="meta") % T
+        offsets_E = torch.empty(E, device="meta", dtype=torch.int32)
+        gates_P = x_TD.new_empty(num_pairs)
+        y, h13, a, tiles = triton_experts_op._init_fn(x_TD, gates_P, w13, w2, token_P, token_P, offsets_E)
+        triton_experts_backward_op._init_fn(y, x_TD, gates_P, w13, w2, token_P, token_P, offsets_E, tiles, h13, a)
+    finally:
+        globals().update(saved)
+    return launches
+
+
+def _compile_sm90(jit_fn, args, kwargs, config, num_warps=4):
+    """Compile one launch for sm_90 with the runtime's specialisation (ints equal to 1 become
+    constants, multiples of 16 and tensors get 16-divisibility) and read its resource usage."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+
+    values = dict(zip(jit_fn.arg_names, args), **kwargs, **(config.kwargs if config else {}))
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(jit_fn.params):
+        v = values[p.name]
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name], attrs[(i,)] = "*" + _TYPES[v.dtype], [["tt.divisibility", 16]]
+        else:
+            kind, attr = native_specialize_impl(BaseBackend, v, False, True, True)
+            sig[p.name] = kind
+            if kind == "constexpr":
+                consts[p.name] = attr
+            elif attr == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {"num_warps": num_warps}
+    src = triton.compiler.ASTSource(fn=jit_fn, signature=sig, constexprs=consts, attrs=attrs)
+    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cc.asm["cubin"])
+        f.flush()
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    num = {k: int(re.search(rf"{k}:(\d+)", res).group(1)) for k in ("REG", "STACK", "LOCAL")}
+    return num["REG"], num["STACK"] + num["LOCAL"], cc.metadata.shared
+
+
+def sm90_resource_report(d_model: int = 1024, widths=(128, 256, 512, 1024, 4096), dtype=torch.bfloat16,
+                         num_tokens: int = 4096, num_experts: int = 8, top_k: int = 2):
+    """Compile every kernel launch of forward and backward, for every GPU config, for sm_90 (an
+    H100) on a machine without a GPU (run without TRITON_INTERPRET) and yield (launch, width F,
+    config, registers, spilled bytes (STACK + LOCAL), shared memory bytes) for each. The shapes
+    are meta tensors; only the dims, dtypes and strides matter."""
+    assert not INTERPRETED, "compiling needs TRITON_INTERPRET unset"
+    combined = False
+    for F in widths:
+        x = torch.empty(num_tokens, d_model, device="meta", dtype=dtype)
+        w13 = torch.empty(num_experts, d_model, 2 * F, device="meta", dtype=dtype)
+        w2 = torch.empty(num_experts, F, d_model, device="meta", dtype=dtype)
+        names = ["up", "down", "combine", "dh", "dx", "combine", "dw13", "dw2"]
+        for name, (_, kernel, args, kwargs) in zip(names, _captured_launches(x, w13, w2, num_tokens * top_k)):
+            if isinstance(kernel, triton.runtime.Autotuner):
+                configs = kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)))
+                jit_fn = kernel.fn
+                heuristics = {}
+                if isinstance(jit_fn, triton.runtime.Heuristics):
+                    heuristics, jit_fn = jit_fn.values, jit_fn.fn
+                for c in configs:
+                    vals = dict(zip(jit_fn.arg_names, args), **kwargs, **c.kwargs)
+                    extra = {k: h(vals) for k, h in heuristics.items()}
+                    cfg = (c.kwargs.get("BLOCK_M", kwargs.get("BLOCK_M")), c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                           c.num_warps, c.num_stages)
+                    yield (name, F, cfg, *_compile_sm90(jit_fn, args, {**kwargs, **extra}, c))
+            elif (name, F) == ("combine", widths[0]) and not combined:  # one config, any F
+                combined = True
+                consts = {k: v for k, v in kwargs.items() if k != "num_warps"}
+                yield (name, F, (kwargs["BLOCK_T"], kwargs["BLOCK_N"], kwargs["num_warps"]),
+                       *_compile_sm90(kernel, args, consts, None, kwargs["num_warps"]))
