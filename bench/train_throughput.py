@@ -1,64 +1,179 @@
-"""Training throughput of a micro MoE (g = 1/4, S = 8) against its FLOP-matched dense model,
-in the same trainer and the same run (alternating, medians of per-step tokens/s).
+"""Training throughput of FLOP-matched MoEs against their dense model, in the project's trainer
+(`train_trial`), eager and compiled (`train.compile`), in one run (variants alternate within each
+round; medians of per-step tokens/s and MFU, warm-up steps skipped).
 
-    python bench/train_throughput.py            # CPU; goal: MoE at 0.85x of dense or better
-    python bench/train_throughput.py --d-model 768 --layers 12 --d-ff 3072 --seq-len 1024  # GPU
+Variants: dense, MoE g=1/4 n=32 k=4 and MoE g=1/8 n=64 k=8 (k * g = 1: the dense FFN's FLOPs).
+
+    python bench/train_throughput.py                     # CPU: small model, eager only
+    python bench/train_throughput.py --modes eager,compiled --steps 6 --rounds 1
+    python bench/train_throughput.py --device cuda       # GPU: d 768, 12 layers, seq 1024, 131k tokens/step,
+                                                         # bf16 autocast (what the trainer does on CUDA),
+                                                         # eager and compiled
+    python bench/train_throughput.py --device cuda --backend triton --modes eager
+
+Prints a line per (mode, variant) with tokens/s and MFU (and, compiled, the graphs dynamo compiled,
+recompiles and graph breaks), then `ratio` lines: each MoE's tokens/s over dense's, per mode.
+Goals: CPU MoE at 0.85x of dense or better; the GPU numbers to beat are in shared/gpu/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
+import time
+
+import pyarrow.parquet as pq
+import torch
 
 from moe_core.data.config import DataConfig
 from moe_core.data.tokens import prepare_tokens
 from moe_core.train.loop import train_trial
 from moe_core.trial import TrialConfig
 
+# Per-device defaults: CPU keeps the small model; CUDA is the trainer size of the GPU evidence.
+SIZES = {
+    "cpu": dict(d_model=256, layers=4, heads=4, kv_heads=2, d_ff=512, seq_len=256, batch_tokens=16384,
+                micro_batch=16, vocab=4096, steps=8, rounds=2, modes="eager"),
+    "cuda": dict(d_model=768, layers=12, heads=12, kv_heads=4, d_ff=3072, seq_len=1024, batch_tokens=131072,
+                 micro_batch=32, vocab=8192, steps=20, rounds=1, modes="eager,compiled"),
+}
+MOE_POINTS = [("1/4", 32, 4), ("1/8", 64, 8)]
 
-def trial(args: argparse.Namespace, moe: dict) -> TrialConfig:
+
+def trial(args: argparse.Namespace, moe: dict, compiled: bool) -> TrialConfig:
     return TrialConfig.from_dict({
-        "model": {"vocab_size": 4096, "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
-                  "n_kv_heads": max(1, args.heads // 2), "d_ff": args.d_ff, "seq_len": args.seq_len, "moe": moe},
+        "model": {"vocab_size": args.vocab, "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
+                  "n_kv_heads": args.kv_heads, "d_ff": args.d_ff, "seq_len": args.seq_len, "moe": moe},
         "train": {"steps": args.steps, "batch_tokens": args.batch_tokens, "micro_batch_size": args.micro_batch,
-                  "eval_every": 10**9, "eval_tokens": args.seq_len, "log_routing_every": 0},
-        "data": {"source": "bible", "tokenizer": "bpe", "bpe_vocab_size": 4096},
+                  "eval_every": 10**9, "eval_tokens": args.seq_len, "log_routing_every": 0,
+                  "compile": compiled, "device": args.device},
+        "data": {"source": "bible", "tokenizer": "bpe", "bpe_vocab_size": args.vocab},
     })
+
+
+def variants(backend: str, points: list[tuple[str, int, int]]) -> dict[str, dict]:
+    out = {"dense": {}}
+    for g, n, k in points:
+        out[f"moe g={g} n={n} k={k}"] = {"layout": "layerwise", "backend": backend,
+                                         "experts": [{"num_experts": n, "top_k": k, "granularity": g}]}
+    return out
+
+
+def _compile_report() -> str:
+    """Graphs dynamo compiled, recompiles and graph breaks since the last `_reset_compile()`."""
+    try:
+        from torch._dynamo.utils import counters, get_compilation_metrics
+
+        metrics = get_compilation_metrics()
+        reasons = [m.recompile_reason for m in metrics if getattr(m, "recompile_reason", None)]
+        breaks = sum(counters["graph_break"].values())
+        text = f"  graphs {counters['stats']['unique_graphs']} recompiles {len(reasons)} graph-breaks {breaks}"
+        if reasons:
+            text += f"  (first: {str(reasons[0]).splitlines()[0][:100]})"
+        return text
+    except Exception as exc:  # noqa: BLE001 - private API; the count is a nicety
+        return f"  (recompiles unknown: {type(exc).__name__})"
+
+
+def _reset_compile() -> None:
+    try:
+        import torch._dynamo
+        from torch._dynamo.utils import clear_compilation_metrics, counters
+
+        torch._dynamo.reset()
+        counters.clear()
+        clear_compilation_metrics()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def parse_points(spec: str | None) -> list[tuple[str, int, int]]:
+    if not spec:
+        return MOE_POINTS
+    points = []
+    for item in spec.split(","):
+        g, n, k = item.strip().split(":")
+        points.append((g, int(n), int(k)))
+    return points
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--d-ff", type=int, default=512)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-tokens", type=int, default=16384)
-    ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--d-model", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--kv-heads", type=int)
+    ap.add_argument("--d-ff", type=int)
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--batch-tokens", type=int)
+    ap.add_argument("--micro-batch", type=int)
+    ap.add_argument("--vocab", type=int, help="model vocabulary and BPE vocabulary size")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run (default 8 on CPU, 20 on CUDA)")
+    ap.add_argument("--skip", type=int, help="warm-up steps left out of the medians (default steps // 4, at least 1)")
+    ap.add_argument("--rounds", type=int, help="runs of every variant, alternating (default 2 on CPU, 1 on CUDA)")
+    ap.add_argument("--modes", help="comma list of eager, compiled (default: eager on CPU; eager,compiled on CUDA)")
+    ap.add_argument("--compile", action="store_true", help="same as --modes eager,compiled")
+    ap.add_argument("--backend", default="auto", help="moe.backend of the MoE variants (default auto)")
+    ap.add_argument("--points", help="comma list of g:n:k MoE points (default 1/4:32:4,1/8:64:8)")
     args = ap.parse_args()
-    data = prepare_tokens(DataConfig())
-    variants = {
-        "dense": {},
-        "moe g=1/4 S=8": {"layout": "layerwise", "experts": [{"num_experts": 32, "top_k": 4, "granularity": "1/4"}]},
-    }
-    speeds: dict[str, list[float]] = {name: [] for name in variants}
-    mfu: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, moe in variants.items():
-            with tempfile.TemporaryDirectory() as out:
-                train_trial(trial(args, moe), out, data=data)
-                import pyarrow.parquet as pq
+    for key, value in SIZES[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.compile:
+        args.modes = "eager,compiled"
+    modes = [m for m in args.modes.split(",") if m]
+    if set(modes) - {"eager", "compiled"}:
+        ap.error(f"--modes: unknown {sorted(set(modes) - {'eager', 'compiled'})}")
+    skip = args.skip if args.skip is not None else max(1, args.steps // 4)
+    if skip >= args.steps:
+        ap.error(f"--skip {skip} leaves no step of --steps {args.steps} to measure")
 
-                table = pq.read_table(f"{out}/metrics.parquet").to_pydict()
-            speeds[name] += table["tokens_per_second"][2:]  # skip warm-up steps
-            mfu[name] += table["mfu"][2:]
-    dense, moe = (statistics.median(speeds[n]) for n in variants)
-    for name in variants:
-        print(f"{name:14s} {statistics.median(speeds[name]):10,.0f} tokens/s  MFU {statistics.median(mfu[name]):.3f}")
-    print(f"ratio moe/dense {moe / dense:.2f}x (goal >= 0.85x)")
+    data = prepare_tokens(DataConfig(source="bible", tokenizer="bpe", bpe_vocab_size=args.vocab))
+    runs = variants(args.backend, parse_points(args.points))
+    amp = "bf16 autocast" if args.device == "cuda" else "fp32"
+    print(f"{args.device} {amp} d={args.d_model} layers={args.layers} heads={args.heads}/{args.kv_heads} "
+          f"d_ff={args.d_ff} seq={args.seq_len} tokens/step={args.batch_tokens} micro={args.micro_batch} "
+          f"vocab={args.vocab} steps={args.steps} (skip {skip}) rounds={args.rounds} backend={args.backend} "
+          f"torch {torch.__version__}", flush=True)
+
+    for mode in modes:
+        compiled = mode == "compiled"
+        speeds = {name: [] for name in runs}
+        mfu = {name: [] for name in runs}
+        errors: dict[str, str] = {}
+        medians = {}
+        for round_ in range(args.rounds):
+            for name, moe in runs.items():
+                if name in errors:
+                    continue
+                if compiled:
+                    _reset_compile()
+                t0 = time.perf_counter()
+                try:
+                    with tempfile.TemporaryDirectory() as out:
+                        train_trial(trial(args, moe, compiled), out, data=data)
+                        table = pq.read_table(f"{out}/metrics.parquet").to_pydict()
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    errors[name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+                    print(f"{mode:8s} {name:20s} ERROR {errors[name]}", flush=True)
+                    continue
+                finally:
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                speeds[name] += table["tokens_per_second"][skip:]
+                mfu[name] += table["mfu"][skip:]
+                if round_ == args.rounds - 1:  # the last round: print as soon as a variant is done
+                    note = f"  run {time.perf_counter() - t0:.0f} s" + (_compile_report() if compiled else "")
+                    medians[name] = statistics.median(speeds[name])
+                    print(f"{mode:8s} {name:20s} {medians[name]:12,.0f} tokens/s  "
+                          f"MFU {statistics.median(mfu[name]):.3f}{note}", flush=True)
+        for name in runs:
+            if name != "dense" and name in medians and "dense" in medians:
+                print(f"ratio {mode:8s} {name} / dense {medians[name] / medians['dense']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
