@@ -71,7 +71,7 @@ def _compile_report() -> str:
         breaks = sum(counters["graph_break"].values())
         text = f"  graphs {counters['stats']['unique_graphs']} recompiles {len(reasons)} graph-breaks {breaks}"
         if reasons:
-            text += f"  (first: {str(reasons[0]).splitlines()[0][:100]})"
+            text += f"  (first: {' '.join(str(reasons[0]).split())[:100]})"
         return text
     except Exception as exc:  # noqa: BLE001 - private API; the count is a nicety
         return f"  (recompiles unknown: {type(exc).__name__})"
@@ -79,10 +79,10 @@ def _compile_report() -> str:
 
 def _reset_compile() -> None:
     try:
-        import torch._dynamo
+        from torch._dynamo import reset
         from torch._dynamo.utils import clear_compilation_metrics, counters
 
-        torch._dynamo.reset()
+        reset()
         counters.clear()
         clear_compilation_metrics()
     except Exception:  # noqa: BLE001
@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="same as --modes eager,compiled")
     ap.add_argument("--backend", default="auto", help="moe.backend of the MoE variants (default auto)")
     ap.add_argument("--points", help="comma list of g:n:k MoE points (default 1/4:32:4,1/8:64:8)")
+    ap.add_argument("--recompile-limit", type=int, help="torch._dynamo's recompile limit in compiled mode "
+                    "(default: torch's, 8); each recompile of the model costs a full compile")
     args = ap.parse_args()
     for key, value in SIZES[args.device].items():
         if getattr(args, key) is None:
@@ -131,6 +133,13 @@ def main() -> None:
     if skip >= args.steps:
         ap.error(f"--skip {skip} leaves no step of --steps {args.steps} to measure")
 
+    if args.recompile_limit is not None:
+        from torch._dynamo import config as dynamo_config
+
+        for key in ("recompile_limit", "cache_size_limit"):  # the newer name first
+            if hasattr(dynamo_config, key):
+                setattr(dynamo_config, key, args.recompile_limit)
+                break
     data = prepare_tokens(DataConfig(source="bible", tokenizer="bpe", bpe_vocab_size=args.vocab))
     runs = variants(args.backend, parse_points(args.points))
     amp = "bf16 autocast" if args.device == "cuda" else "fp32"
