@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-# torch._grouped_mm's CUDA kernel refuses more than 1,024 groups per call ("Can't process more
-# than 1024 groups"); more experts are multiplied in chunks of whole groups.
-MAX_GROUPS_PER_CALL = 1024
+# torch._grouped_mm's CUDA kernel takes fewer than 1,024 groups per call (it checks
+# group_count < 1024, "Can't process more than 1024 groups"); more experts are multiplied in
+# chunks of whole groups.
+MAX_GROUPS_PER_CALL = 1023
 
 
 def grouped_mm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
