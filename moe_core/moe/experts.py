@@ -68,19 +68,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "grouped"
 
 
-def cast_for_experts(x_TD: torch.Tensor, bank: ExpertBank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x and the bank's weights in the compute dtype: autocast's where it is on (its dtype rules
-    skip the ops the fast paths use, so they cast by hand), else x's."""
+def cast_for_experts(
+    x_TD: torch.Tensor, bank: ExpertBank, dispatch: Dispatch, gates_TK: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, the bank's weights and each row's gate (`Dispatch.pair_gates`) in the compute dtype:
+    autocast's where it is on (its dtype rules skip the ops the fast paths use, so they cast by
+    hand), else x's."""
     dtype = x_TD.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
         dtype = torch.get_autocast_dtype(x_TD.device.type)
-    return x_TD.to(dtype), bank.w13_EDF2.to(dtype), bank.w2_EFD.to(dtype)
+    gates_P = dispatch.pair_gates(gates_TK).to(dtype)
+    return x_TD.to(dtype), bank.w13_EDF2.to(dtype), bank.w2_EFD.to(dtype), gates_P
 
 
 def experts_grouped(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
     """Gather rows in expert order, two grouped GEMMs, combine. Sync-free, static shapes."""
-    x_TD, w13, w2 = cast_for_experts(x_TD, bank)
-    gates_P = dispatch.pair_gates(gates_TK).to(x_TD.dtype)
+    x_TD, w13, w2, gates_P = cast_for_experts(x_TD, bank, dispatch, gates_TK)
     with torch.autocast(x_TD.device.type, enabled=False):
         h_P2F = grouped_matmul(gather_rows(x_TD, dispatch), w13, dispatch.offsets_E)
         # Gating the F-wide hidden instead of the D-wide output is the same linear map and
@@ -91,8 +94,7 @@ def experts_grouped(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, ga
 
 def experts_cpu_streamed(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
     """The CPU path: expert chunks streamed through the cache (`streamed.py`)."""
-    x_TD, w13, w2 = cast_for_experts(x_TD, bank)
-    gates_P = dispatch.pair_gates(gates_TK).to(x_TD.dtype)
+    x_TD, w13, w2, gates_P = cast_for_experts(x_TD, bank, dispatch, gates_TK)
     with torch.autocast(x_TD.device.type, enabled=False):
         return experts_streamed(x_TD, gates_P, w13, w2, dispatch)
 
@@ -105,8 +107,7 @@ def experts_triton(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gat
         from moe_core.moe.triton_experts import experts_triton as run
     except ImportError:
         raise ConfigError("moe.backend 'triton' needs the triton package (pip install triton)") from None
-    x_TD, w13, w2 = cast_for_experts(x_TD, bank)
-    gates_P = dispatch.pair_gates(gates_TK).to(x_TD.dtype)
+    x_TD, w13, w2, gates_P = cast_for_experts(x_TD, bank, dispatch, gates_TK)
     with torch.autocast(x_TD.device.type, enabled=False):
         return run(x_TD, w13, w2, dispatch, gates_P)
 

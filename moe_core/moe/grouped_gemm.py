@@ -67,15 +67,21 @@ def grouped_mm_op(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tens
     # Chunks of whole groups. A chunk's first row depends on the routing, so this reads the
     # chunk boundaries from the device once: the one host synchronisation left, and only for
     # more experts than one call takes.
-    firsts = range(0, num_groups, MAX_GROUPS_PER_CALL)
-    lasts = [min(e0 + MAX_GROUPS_PER_CALL, num_groups) - 1 for e0 in firsts]
     out = a_PX.new_zeros(a_PX.shape[0], b_EXY.shape[-1])
-    start = 0
-    for e0, e1, end in zip(firsts, lasts, offsets_E[lasts].tolist()):
+    for groups, start, end in _chunks(offsets_E):
         if end > start:
-            out[start:end] = torch._grouped_mm(a_PX[start:end], b_EXY[e0 : e1 + 1], offs=offsets_E[e0 : e1 + 1] - start)
-        start = end
+            out[start:end] = torch._grouped_mm(a_PX[start:end], b_EXY[groups], offs=offsets_E[groups] - start)
     return out
+
+
+def _chunks(offsets_E: torch.Tensor) -> list[tuple[slice, int, int]]:
+    """(groups, first row, end row) of consecutive chunks of at most MAX_GROUPS_PER_CALL groups;
+    reads the chunk boundaries from the device once."""
+    num_groups = offsets_E.numel()
+    firsts = list(range(0, num_groups, MAX_GROUPS_PER_CALL))
+    lasts = [min(e0 + MAX_GROUPS_PER_CALL, num_groups) - 1 for e0 in firsts]
+    ends = offsets_E[lasts].tolist()
+    return [(slice(e0, e1 + 1), start, end) for e0, e1, start, end in zip(firsts, lasts, [0, *ends[:-1]], ends)]
 
 
 @grouped_mm_op.register_fake
@@ -95,14 +101,8 @@ def grouped_wgrad_op(a_PX: torch.Tensor, g_PY: torch.Tensor, offsets_E: torch.Te
     if num_groups <= MAX_GROUPS_PER_CALL:
         out = torch._grouped_mm(a_PX.t(), g_PY, offs=offsets_E)
     else:
-        firsts = range(0, num_groups, MAX_GROUPS_PER_CALL)
-        lasts = [min(e0 + MAX_GROUPS_PER_CALL, num_groups) - 1 for e0 in firsts]
-        parts, start = [], 0
-        for e0, e1, end in zip(firsts, lasts, offsets_E[lasts].tolist()):
-            offs = offsets_E[e0 : e1 + 1] - start
-            parts.append(torch._grouped_mm(a_PX[start:end].t(), g_PY[start:end], offs=offs))
-            start = end
-        out = torch.cat(parts)
+        out = torch.cat([torch._grouped_mm(a_PX[start:end].t(), g_PY[start:end], offs=offsets_E[groups] - start)
+                         for groups, start, end in _chunks(offsets_E)])
     # Not every implementation writes an empty group's slice: zero it on the device (no host read).
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
     return torch.where((counts > 0)[:, None, None], out, 0)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from moe_core.moe.dispatch import Dispatch
-from moe_core.moe.grouped_gemm import grouped_matmul, grouped_mm_usable, offsets_from_counts
+from moe_core.moe.grouped_gemm import grouped_matmul, grouped_weight_grad, offsets_from_counts
 from moe_core.moe.swiglu import swiglu_backward
 
 CHUNK_BYTES = 2 << 20  # gathered input rows per chunk: fits the L2/L3 of common CPUs
@@ -40,25 +40,6 @@ def plan_chunks(counts: list[int], rows_per_chunk: int) -> list[tuple[int, int, 
     if e0 < len(counts):  # the remainder, possibly experts without rows
         chunks.append((e0, len(counts), r0, r0 + acc))
     return chunks
-
-
-def _wgrad_groups(a: torch.Tensor, b: torch.Tensor, counts: list[int], out_EXY: torch.Tensor) -> None:
-    """out[e] = a[rows of e]^T @ b[rows of e]: each expert's weight gradient, written in full
-    (zeros for an expert without rows), so `out` may start uninitialised."""
-    if grouped_mm_usable(a, b):
-        offs = torch.tensor(counts, device=a.device).cumsum(0, dtype=torch.int32)
-        out_EXY.copy_(torch._grouped_mm(a.t(), b, offs=offs))
-        for e, c in enumerate(counts):  # not every backend writes zeros for empty groups
-            if not c:
-                out_EXY[e].zero_()
-        return
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            torch.mm(a[start : start + c].t(), b[start : start + c], out=out_EXY[e])
-        else:
-            out_EXY[e].zero_()
-        start += c
 
 
 class StreamedExperts(torch.autograd.Function):
@@ -106,11 +87,11 @@ class StreamedExperts(torch.autograd.Function):
             h_R2F = next(h_iter)
             act = F.silu(h_R2F[:, :width]) * h_R2F[:, width:]
             g_R1 = gates_P[r0:r1, None]
-            _wgrad_groups(act * g_R1, dy_RD, counts, dw2[e0:e1])
+            dw2[e0:e1] = grouped_weight_grad(act * g_R1, dy_RD, offs)
             d_act = grouped_matmul(dy_RD, w2_t[e0:e1], offs)
             dgates_P[r0:r1] = (d_act * act).sum(dim=-1)
             dh_R2F = swiglu_backward(h_R2F, d_act.mul_(g_R1))
-            _wgrad_groups(x_TD.index_select(0, tok), dh_R2F, counts, dw13[e0:e1])
+            dw13[e0:e1] = grouped_weight_grad(x_TD.index_select(0, tok), dh_R2F, offs)
             dx_TD.index_add_(0, tok, grouped_matmul(dh_R2F, w13_t[e0:e1], offs))
         return dx_TD, dgates_P, dw13, dw2, None, None, None
 
