@@ -13,13 +13,26 @@ FLOPs convention (PaLM, Chowdhery et al. 2022, appendix B): training FLOPs per t
 6 * (active non-embedding params + output head V * d) + 12 * n_layers * d_attn * seq_len,
 with d_attn = n_heads * head_dim and no discount for the causal mask. The head costs V * d even
 when tied; the input embedding lookup costs nothing.
+
+Matching and budget convention (the one rule the planner, the trainer and the result columns
+share). Routers are left out of the *matched* counts: a router has n * d parameters per MoE layer,
+so it grows with the expert count, and counting it would give trials of one scale different
+budgets for the one knob under study. `matched_active` and `matched_flops_per_token` are therefore
+equal across a FLOP-matched scale; the router is reported apart (`active_router`,
+`router_flops_per_token`). A trial's default budget is `tokens_per_active_param` (20, the
+compute-optimal ratio the design study uses) times the matched count named by
+`train.budget_params`, rounded up to whole optimizer steps (`training_steps`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from moe_core.config import ModelConfig
+from moe_core.train.config import BudgetParams, TrainConfig
+
+DEFAULT_TOKENS_PER_ACTIVE_PARAM = 20.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,28 @@ class ParamCount:
     router: int  # router parameters held (PathMoE-shared routers counted once)
     active_router: int  # router parameters one token uses (once per MoE layer); grows with n
     flops_per_token: int  # training (forward + backward) FLOPs per token
+
+    @property
+    def matched_active(self) -> int:
+        """Active parameters without routers: equal for every FLOP-matched trial of a scale."""
+        return self.active - self.active_router
+
+    @property
+    def matched_active_non_embedding(self) -> int:
+        return self.active_non_embedding - self.active_router
+
+    @property
+    def router_flops_per_token(self) -> int:
+        return 6 * self.active_router
+
+    @property
+    def matched_flops_per_token(self) -> int:
+        """Training FLOPs per token without routers: equal across a FLOP-matched scale."""
+        return self.flops_per_token - self.router_flops_per_token
+
+    def budget_params(self, basis: BudgetParams) -> int:
+        """The parameter count a `tokens_per_active_param` budget multiplies (see module doc)."""
+        return self.matched_active if basis == "active" else self.matched_active_non_embedding
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -79,3 +114,16 @@ def count_params(cfg: ModelConfig) -> ParamCount:
         active_router=router_active,
         flops_per_token=flops,
     )
+
+
+def training_steps(model: ModelConfig, train: TrainConfig) -> int:
+    """Optimizer steps of a trial: `train.steps`, else `train.tokens`, else
+    `tokens_per_active_param` (default 20) x the `train.budget_params` count, rounded up to whole
+    steps. The one rule every caller (trainer, planner, result columns) uses."""
+    if train.steps is not None:
+        return train.steps
+    if train.tokens is not None:
+        return max(1, math.ceil(train.tokens / train.batch_tokens))
+    per_param = train.tokens_per_active_param or DEFAULT_TOKENS_PER_ACTIVE_PARAM
+    budget = per_param * count_params(model).budget_params(train.budget_params)
+    return max(1, math.ceil(budget / train.batch_tokens))

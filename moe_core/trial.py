@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from moe_core.accounting import count_params
+from moe_core.accounting import training_steps
 from moe_core.config import ModelConfig, StrictConfig
 from moe_core.data.config import DataConfig
 from moe_core.errors import ConfigError
 from moe_core.train.config import TrainConfig
 from moe_core.yaml_io import load_yaml
-
-DEFAULT_TOKENS_PER_ACTIVE_PARAM = 20.0
 
 
 class TrialConfig(StrictConfig):
@@ -41,13 +38,8 @@ class TrialConfig(StrictConfig):
 
     @property
     def total_steps(self) -> int:
-        t = self.train
-        if t.steps is not None:
-            return t.steps
-        if t.tokens is not None:
-            return max(1, math.ceil(t.tokens / t.batch_tokens))
-        per_param = t.tokens_per_active_param or DEFAULT_TOKENS_PER_ACTIVE_PARAM
-        return max(1, math.ceil(per_param * count_params(self.model).active / t.batch_tokens))
+        """Optimizer steps (`moe_core.accounting.training_steps`, the rule the planner uses too)."""
+        return training_steps(self.model, self.train)
 
 
 def load_trial_config(path: str | Path) -> TrialConfig:

@@ -31,7 +31,7 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
     """Per sweep: up to `limit` trials, then skipped reasons; then totals over all sweeps."""
     for plan in plans:
         spec = plan.spec
-        title = f"{spec.name} ({plan.path}): {spec.method}, {plan.planned_trials} trials"
+        title = f"{spec.name} ({plan.path}): {spec.method}, {plan.planned_trials} trials ({_points(plan)})"
         table = Table(title=title, title_justify="left")
         for col in ("trial_id", "scale", "seed", "params", "moe", "active", "total", "GFLOP/tok", "tokens", "FLOPs", "est."):
             table.add_column(col, justify="right" if col in ("active", "total", "GFLOP/tok", "tokens", "FLOPs", "est.") else "left")
@@ -61,15 +61,22 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
         for texts in reasons.values():
             console.print(f"  skipped {len(texts)}: {texts[0]}{' (and similar)' if len(set(texts)) > 1 else ''}")
     total = Table(title="totals", title_justify="left")
-    for col in ("hardware", "sweeps", "trials", "skipped", "training FLOPs", "device-hours"):
+    for col in ("hardware", "sweeps", "configurations", "trials", "skipped", "training FLOPs", "device-hours"):
         total.add_column(col, justify="left" if col == "hardware" else "right")
     for name in sorted({p.hardware.name for p in plans}):
         group = [p for p in plans if p.hardware.name == name]
         total.add_row(
-            name, str(len(group)), f"{sum(p.planned_trials for p in group):,}", f"{sum(len(p.skipped) for p in group):,}",
+            name, str(len(group)), f"{sum(p.configurations for p in group):,}", f"{sum(p.planned_trials for p in group):,}",
+            f"{sum(len(p.skipped) for p in group):,}",
             _si(sum(p.train_flops for p in group)), f"{sum(p.device_hours for p in group):,.1f} {group[0].hardware.unit}-h",
         )
     console.print(total)
+
+
+def _points(plan: Plan) -> str:
+    seeds = len(plan.spec.seed_list)
+    configs = plan.configurations
+    return f"{configs} configuration{'s' * (configs != 1)} x {seeds} seed{'s' * (seeds != 1)}"
 
 
 def _short(v: Any) -> str:
@@ -88,6 +95,7 @@ def plans_json(plans: list[Plan]) -> dict[str, Any]:
     for p in plans:
         sweeps.append({
             "name": p.spec.name, "path": str(p.path), "method": p.spec.method, "trials": p.planned_trials,
+            "configurations": p.configurations, "seeds": len(p.spec.seed_list),
             "skipped": len(p.skipped), "train_flops": p.train_flops, "device_hours": p.device_hours,
             "hardware": p.hardware.name,
             "search_space": {k: v.to_dict() for k, v in p.spec.parameters.items()} if p.spec.method == "bayes" else None,
@@ -99,6 +107,7 @@ def plans_json(plans: list[Plan]) -> dict[str, Any]:
         "skipped": [s.to_dict() for p in plans for s in p.skipped],
         "totals": {
             "trials": sum(p.planned_trials for p in plans),
+            "configurations": sum(p.configurations for p in plans),
             "skipped": sum(len(p.skipped) for p in plans),
             "train_flops": sum(p.train_flops for p in plans),
             "device_hours": {

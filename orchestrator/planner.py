@@ -8,9 +8,10 @@ budget so that every trial of a scale spends the same training compute.
 Matching convention. Within a scale every trial has the dense baseline's active FFN width
 (sum k_i g_i + K_s g_s = 1), hence the same `active_params` and `flops_per_token`. Both exclude
 the router (n * d per MoE layer, which grows with the expert count n); the router is reported
-apart as `router_params` and `router_flops_per_token`. The budget is `tokens_per_active_param`
-(default 20) x `active_params`, rounded up to whole optimizer steps, and written into the
-resolved config as `train.tokens`, so trainer and planner agree on it exactly.
+apart as `router_params` and `router_flops_per_token`. The counts and the budget rule
+(`tokens_per_active_param` x the `train.budget_params` count, in whole optimizer steps) live in
+`moe_core.accounting`; the planner reads them from there, as the trainer does, so the two agree
+without the plan writing a token count into the trial.
 
 Every user mistake raises `ConfigError` naming the file, the line and the key; combinations
 with no exact match are returned as `SkippedTrial`s with the reason.
@@ -36,7 +37,7 @@ from moe_core.config import ModelConfig
 from moe_core.data.config import DataConfig
 from moe_core.errors import ConfigError, _model_in
 from moe_core.train.config import TrainConfig
-from moe_core.trial import DEFAULT_TOKENS_PER_ACTIVE_PARAM, TrialConfig
+from moe_core.trial import TrialConfig
 from moe_core.yaml_io import load_yaml_with_lines
 from orchestrator.hardware import HARDWARE, Hardware
 from orchestrator.scales import SCALES
@@ -52,6 +53,7 @@ BASE_SECTIONS: dict[str, type[BaseModel] | None] = {
 @dataclass(frozen=True)
 class PlannedTrial:
     trial_id: str  # hash of the resolved config (seed included): stable across re-plans
+    config_id: str  # hash of the resolved config without the seed: one design point
     sweep: str
     scale: str  # the scale's name, or "custom"
     seed: int
@@ -98,6 +100,13 @@ class Plan:
     def planned_trials(self) -> int:
         """Trials this sweep will run: the grid/random list, or a bayes sweep's budget."""
         return len(self.trials) if self.spec.method != "bayes" else (self.spec.trials or 0) * len(self.spec.seed_list)
+
+    @property
+    def configurations(self) -> int:
+        """Distinct design points (trials that differ only in the seed count once)."""
+        if self.spec.method == "bayes":
+            return self.spec.trials or 0
+        return len({t.config_id for t in self.trials})
 
     @property
     def train_flops(self) -> float:
@@ -248,7 +257,16 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def trial_id(config: TrialConfig) -> str:
     """Deterministic id of a resolved trial: independent of key order, seed included."""
-    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return _digest(config.to_dict())
+
+
+def config_id(config: TrialConfig) -> str:
+    """The design point of a trial: its id with the seed left out."""
+    return _digest({**config.to_dict(), "seed": None})
+
+
+def _digest(tree: dict[str, Any]) -> str:
+    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
@@ -328,23 +346,16 @@ class Planner:
         counts = count_params(trial.model)
         if spec.max_total_params is not None and counts.total > spec.max_total_params:
             raise Infeasible(f"{counts.total / 1e9:.2f}B total parameters exceed max_total_params {spec.max_total_params / 1e9:g}B")
-        active = counts.active - counts.active_router
-        router_flops = 6 * counts.active_router
-        flops = counts.flops_per_token - router_flops
-        t = trial.train
-        if t.steps is None and t.tokens is None:
-            per_param = t.tokens_per_active_param or DEFAULT_TOKENS_PER_ACTIVE_PARAM
-            steps = max(1, math.ceil(per_param * active / t.batch_tokens))
-            train = {**trial.train.to_dict(), "tokens": steps * t.batch_tokens, "tokens_per_active_param": None}
-            trial = TrialConfig.from_dict({**trial.to_dict(), "train": train})
-        tokens = trial.total_steps * t.batch_tokens
+        flops = counts.matched_flops_per_token
+        tokens = trial.total_steps * trial.train.batch_tokens
         hw = _hardware(spec)
         train_flops = float(flops) * tokens
         return PlannedTrial(
-            trial_id=trial_id(trial), sweep=spec.name, scale=scale or "custom", seed=seed,
+            trial_id=trial_id(trial), config_id=config_id(trial), sweep=spec.name, scale=scale or "custom", seed=seed,
             params=self._params(point, tree, study, trial), derived=_derived(trial.model),
-            config=trial, active_params=active, total_params=counts.total, router_params=counts.active_router,
-            flops_per_token=flops, router_flops_per_token=router_flops, train_tokens=tokens,
+            config=trial, active_params=counts.matched_active, total_params=counts.total,
+            router_params=counts.active_router, flops_per_token=flops,
+            router_flops_per_token=counts.router_flops_per_token, train_tokens=tokens,
             train_flops=train_flops, est_hours=train_flops / (hw.effective_flops * _devices(spec)) / 3600,
             hardware=hw.name,
         )

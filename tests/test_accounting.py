@@ -82,3 +82,25 @@ def test_unipool_family_totals_match_the_paper(layers, hidden, heads, pool, publ
     assert count_params(vanilla).expert == count_params(cfg).expert
     router_gap = layers * (pool - 8) * hidden
     assert count_params(cfg).active - count_params(vanilla).active == router_gap
+
+
+def test_training_budget_rule():
+    """The one budget rule (trainer, planner and result columns all call it): steps are
+    ceil(tokens_per_active_param x budget count / batch_tokens); the count leaves out routers, so a
+    dense model and its FLOP-matched MoEs of any expert count get the same steps."""
+    from moe_core.accounting import training_steps
+    from moe_core.train.config import TrainConfig
+
+    dense = tiny()
+    moes = [tiny({"layout": "layerwise", "experts": [experts(n, 4, "1/4")]}) for n in (4, 16, 64)]
+    train = TrainConfig(tokens_per_active_param=20, batch_tokens=64)
+    c = count_params(dense)
+    expected = -(-20 * c.active // 64)  # dense: no router, so matched == active
+    assert training_steps(dense, train) == expected
+    assert [training_steps(m, train) for m in moes] == [expected] * 3
+    assert all(count_params(m).active > c.active for m in moes)  # the routers that the rule leaves out
+    non_embedding = train.replace(budget_params="active_non_embedding")
+    assert training_steps(moes[2], non_embedding) == -(-20 * c.active_non_embedding // 64)
+    assert training_steps(moes[2], TrainConfig(batch_tokens=64)) == expected  # 20 is the default ratio
+    assert training_steps(moes[2], TrainConfig(tokens=640, batch_tokens=64)) == 10
+    assert training_steps(moes[2], TrainConfig(steps=7, batch_tokens=64)) == 7

@@ -52,6 +52,8 @@ def test_grid_expands_product_of_values_times_seeds(tmp_path):
     assert {t.seed for t in plan.trials} == {0, 1}
     combos = {(t.params["study.sparsity"], t.params["study.granularity"]) for t in plan.trials}
     assert len(combos) == 12
+    assert plan.configurations == 12  # design points: the seeds replicate them
+    assert len({t.trial_id for t in plan.trials}) == 24 and len({t.config_id for t in plan.trials}) == 12
     t = next(t for t in plan.trials if t.params == {"study.sparsity": 8.0, "study.granularity": 0.25})
     assert (t.derived["num_experts"], t.derived["top_k"], t.derived["expert_width"]) == (32, 4, "64")
 
@@ -141,7 +143,22 @@ def test_token_budget_is_tokens_per_active_param_in_whole_steps(tmp_path):
     plan = plan_sweep(sweep(tmp_path, "study.granularity: {values: [1, 1/4]}\n", base=base))
     for t in plan.trials:
         assert t.train_tokens % 4096 == 0 and 0 <= t.train_tokens - 20 * t.active_params < 4096
-        assert t.config.train.tokens == t.train_tokens and t.config.total_steps * 4096 == t.train_tokens
+        assert t.config.train.tokens is None  # the trainer derives the same budget by the same rule
+        assert t.config.total_steps * 4096 == t.train_tokens
+
+
+def test_trainer_and_plan_agree_on_every_library_trial():
+    """Every trial of sweeps/, rebuilt as the trainer receives it (the resolved config as YAML),
+    trains exactly the tokens the plan charged for."""
+    from moe_core.trial import TrialConfig
+
+    plans = plan_path(Path(__file__).resolve().parents[1] / "sweeps")
+    checked = 0
+    for t in (t for p in plans for t in p.trials):
+        rebuilt = TrialConfig.from_dict(yaml.safe_load(yaml.safe_dump(t.config.to_dict())))
+        assert rebuilt.total_steps * rebuilt.train.batch_tokens == t.train_tokens, t.trial_id
+        checked += 1
+    assert checked > 2000
 
 
 def test_shared_heterogeneous_and_unipool_stay_matched(tmp_path):
@@ -286,6 +303,7 @@ def test_plan_json(tmp_path, capsys):
                     "train_tokens", "train_flops", "config"):
             assert key in t
     assert "reason" in out["skipped"][0] and out["totals"]["trials"] == 2
+    assert out["totals"]["configurations"] == 2 and out["sweeps"][0]["configurations"] == 2
 
 
 def test_plan_table_and_errors_exit_2_without_traceback(tmp_path):

@@ -47,9 +47,9 @@ def _losses(out: Path) -> list[float]:
 
 def test_budget_from_tokens_per_active_param(cache):
     trial = _trial(cache, steps=None)
-    from moe_core import count_params
+    from moe_core.accounting import training_steps
 
-    assert trial.total_steps == -(-20 * count_params(trial.model).active // 256)
+    assert trial.total_steps == training_steps(trial.model, trial.train)  # the rule: tests/test_accounting.py
     assert _trial(cache, steps=None, tokens=2560).total_steps == 10
     assert trial.accumulation_steps == 2  # 256 tokens / (4 sequences * 32)
 

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from moe_core.config import StrictConfig
 
 PosInt = Annotated[int, Field(ge=1)]
+BudgetParams = Literal["active", "active_non_embedding"]
 
 
 class TrainConfig(StrictConfig):
@@ -17,6 +18,11 @@ class TrainConfig(StrictConfig):
     steps: PosInt | None = None
     tokens: PosInt | None = None
     tokens_per_active_param: Annotated[float, Field(gt=0)] | None = None
+    # Which count that budget multiplies (moe_core.accounting): `active` includes the embedding and
+    # head, as the compute-optimal 20 tokens/parameter rule counts them; `active_non_embedding`
+    # leaves them out, which matters at the smallest scales where they are most of the model.
+    # Routers are never in it, so every FLOP-matched trial of a scale gets the same budget.
+    budget_params: BudgetParams = "active"
     batch_tokens: PosInt = 16384  # tokens per optimizer step (all workers, all micro-batches)
     micro_batch_size: PosInt = 8  # sequences per forward pass per worker
     lr: Annotated[float, Field(gt=0)] = 1e-3
