@@ -43,6 +43,11 @@ class StudyConfig(StrictConfig):
     granularity: Granularity = 1.0  # g
     shared_experts: Annotated[int, Field(ge=0)] = 0  # K_s always-on experts
     shared_granularity: Granularity | None = None  # g_s; default g
+    # With shared experts, what stays equal to the plain MoE of sparsity S: `sparsity` keeps
+    # n = S k for the routed experts (the shared width then leaves the total: fewer parameters);
+    # `total` raises the routed count so that routed plus shared expert parameters equal the plain
+    # MoE's (n g + K_s g_s = S), the comparison at matched total parameters.
+    shared_match: Literal["sparsity", "total"] = "sparsity"
     expert_sets: tuple[ExpertSetKnobs, ...] = ()  # heterogeneous sets (replace `granularity`)
     pool_fraction: UnitFraction = 1.0  # UniPool: pool size / vanilla expert budget
     pool_group_size: Annotated[int, Field(ge=1)] | None = None  # UniPool G (None: one pool)
@@ -80,6 +85,7 @@ def derive_moe(study: StudyConfig, moe: dict[str, Any], d_ff: int, n_layers: int
         raise Infeasible(f"{study.shared_experts} shared experts of g = {g_shared} leave no routed width")
     knobs = study.expert_sets or (ExpertSetKnobs(granularity=study.granularity, share=1.0),)
     sparsity = _fraction(study.sparsity)
+    routed_total = sparsity - study.shared_experts * g_shared  # shared_match total: routed width, in d_ff
     first = moe.get("first_dense_layers", 0)
     moe_layers = len(range(first, n_layers, moe.get("moe_every", 1)))
     group = study.pool_group_size or moe_layers
@@ -87,8 +93,13 @@ def derive_moe(study: StudyConfig, moe: dict[str, Any], d_ff: int, n_layers: int
     for i, s in enumerate(knobs):
         g = _fraction(s.granularity)
         name = f"expert set {i}" if study.expert_sets else "routed experts"
-        k = _whole(_fraction(s.share) * budget / g, f"{name}: top_k = {float(_fraction(s.share) * budget):g} / g {g}")
-        n = _whole(sparsity * k, f"{name}: num_experts = S {float(sparsity):g} * top_k {k}")
+        share = _fraction(s.share)
+        k = _whole(share * budget / g, f"{name}: top_k = {float(share * budget):g} / g {g}")
+        if study.shared_match == "sparsity":
+            n = _whole(sparsity * k, f"{name}: num_experts = S {float(sparsity):g} * top_k {k}")
+        else:
+            n = _whole(share * routed_total / g, f"{name}: num_experts = {float(share * routed_total):g} / g {g} "
+                       f"(S {float(sparsity):g} less the shared width, shared_match total)")
         _aligned(g * d_ff, alignment, f"{name}: width g * d_ff = {g} * {d_ff}")
         if study.layout == "unipool":
             pool = _whole(_fraction(study.pool_fraction) * n * group, f"{name}: pool size = {study.pool_fraction:g} * {n} * {group} layers")

@@ -179,6 +179,23 @@ def test_shared_heterogeneous_and_unipool_stay_matched(tmp_path):
     assert (pool.num_experts, pool.top_k) == (4 * 4 * 2 // 2, 4)  # half of S*k experts for each of 2 layers
 
 
+def test_shared_experts_at_matched_total_parameters(tmp_path):
+    """`shared_match: total` raises the routed count so that routed + shared expert parameters
+    equal the plain MoE's; `sparsity` keeps n = S k and the total drops."""
+    plan = plan_sweep(sweep(tmp_path, """\
+        study.shared_experts: {values: [0, 1]}
+        study.shared_match: {values: [sparsity, total]}
+        """, base=BASE.replace("{sparsity: 4, granularity: 1/4}", "{sparsity: 8, granularity: 1/8, shared_granularity: 1/2}")))
+    assert len(plan.trials) == 3 and "same resolved trial" in plan.skipped[0].reason  # plain: one trial
+    by = {(t.params["study.shared_experts"], t.params["study.shared_match"]): t for t in plan.trials}
+    plain, total, sparsity = by[(0, "sparsity")], by[(1, "total")], by[(1, "sparsity")]
+    routed = lambda t: [(s.num_experts, s.top_k) for s in t.config.model.moe.experts]  # noqa: E731
+    assert routed(plain) == [(64, 8)] and routed(total) == [(60, 4)] and routed(sparsity) == [(32, 4)]
+    held = lambda t: t.total_params - t.router_params  # noqa: E731  (routers score n experts: 60 vs 64)
+    assert held(total) == held(plain) > held(sparsity)  # 60/8 + 1/2 = 8 = S
+    assert len({t.active_params for t in plan.trials}) == 1
+
+
 # -- skipped ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("params, extra, reason", [
     ("study.granularity: {values: [1/3]}\n", "", "is not a whole number"),  # width 256/3
@@ -323,3 +340,21 @@ def test_planned_config_round_trips_as_a_trial_yaml(tmp_path):
     (tmp_path / "trial.yaml").write_text(yaml.safe_dump(t.config.to_dict()))
     assert load_trial_config(tmp_path / "trial.yaml") == t.config
     assert Planner(SweepFile(sweep(tmp_path))).resolve({}, 0).trial_id == t.trial_id
+
+
+def test_every_library_trial_has_a_partner_for_each_swept_knob():
+    """No planned GPU-hour on a trial with nothing to compare against: for each swept parameter
+    but the scale, every planned point has another point of its sweep that differs in that
+    parameter alone (points that resolved to an already planned trial count as planned)."""
+    missing = []
+    for plan in plan_path(SWEEPS):
+        if plan.spec.method == "bayes":
+            continue
+        points = {json.dumps(t.params, sort_keys=True, default=str) for t in plan.trials}
+        points |= {json.dumps(s.params, sort_keys=True, default=str) for s in plan.skipped if "same resolved trial" in s.reason}
+        dicts = [json.loads(p) for p in points]
+        for point in (json.loads(json.dumps(t.params, default=str)) for t in plan.trials):
+            for name in (n for n in plan.spec.parameters if n != "scale" and n in point):
+                if not any(o[name] != point[name] and all(o.get(k) == v for k, v in point.items() if k != name) for o in dicts):
+                    missing.append((plan.spec.name, name, point))
+    assert not missing, missing[:5]
