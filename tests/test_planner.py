@@ -304,7 +304,7 @@ def test_unipool_scales_match_the_paper():
     seen = set()
     for t in (t for p in plans for t in p.trials if t.derived["layout"] == "unipool"):
         assert t.derived["num_experts"] == 8 * SCALES[t.scale].model["n_layers"]
-        assert abs(t.total_params / published[t.scale] - 1) < 0.005, t.scale
+        assert abs(t.total_params / published[t.scale] - 1) < 0.0005, t.scale  # vocabulary padded as published
         seen.add(t.scale)
     assert seen == set(published)
 
