@@ -88,7 +88,10 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     n_dense = cfg.n_layers - n_moe
 
     dense_ffn = _swiglu(d, cfg.d_ff)
-    per_pool = sum(s.num_experts * _swiglu(d, cfg.expert_width(s.granularity)) for s in moe.experts)
+    # overflow: default_expert adds one expert per set per pool; it takes a routed pair's place
+    # (same width), so active parameters and FLOPs do not change.
+    extra = int(moe.overflow == "default_expert")
+    per_pool = sum((s.num_experts + extra) * _swiglu(d, cfg.expert_width(s.granularity)) for s in moe.experts)
     active_per_layer = sum(s.top_k * _swiglu(d, cfg.expert_width(s.granularity)) for s in moe.experts)
     router = moe.num_routed_experts * d + (1 if moe.router.scoring == "norm" else 0)  # + NormRouter's sigma
     shared = _swiglu(d, cfg.shared_width)

@@ -142,6 +142,9 @@ class MoEConfig(StrictConfig):
     moe_every: PositiveInt = 1
     pool_group_size: PositiveInt | None = None  # UniPool G: None means one pool for all layers
     capacity_factor: Annotated[float, Field(gt=0)] | None = None  # None means dropless
+    # Pairs over capacity: "drop" (the residual carries them) or "default_expert" (each expert
+    # set's pool holds one more expert of the set's width, which computes them, uncapped).
+    overflow: Literal["drop", "default_expert"] = "drop"
     router: RouterConfig = RouterConfig()
     balance: BalanceConfig = BalanceConfig()
     backend: Literal["auto", "reference", "grouped", "streamed", "triton"] = "auto"  # see moe/experts.py
@@ -158,6 +161,8 @@ class MoEConfig(StrictConfig):
                 raise ValueError("pool_group_size is only allowed with layout 'unipool'")
             if self.balance.pool_weight > 0:
                 raise ValueError("balance.pool_weight > 0 is only allowed with layout 'unipool'")
+        if self.overflow == "default_expert" and self.capacity_factor is None:
+            raise ValueError("overflow 'default_expert' needs capacity_factor: dropless routing never overflows")
         return self
 
     @property

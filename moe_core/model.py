@@ -7,7 +7,10 @@ MoE layouts (see `MoEConfig`):
 - unipool: MoE layer i draws from pool i // G, G = pool_group_size (all layers by default);
 and, for either, MoE layer i is scored by router i // B (PathMoE; B = 1 is independent routing).
 Pools and routers live in `model.pools` / `model.routers` and are handed to each layer, so a
-shared one has a single storage and sums the gradients of every layer that uses it.
+shared one has a single storage and sums the gradients of every layer that uses it. A pool's
+weights are cast to the compute dtype once per forward, on its first layer, and handed to each of
+its layers as that one copy (`PoolWeights`): under autocast a UniPool pool used by L layers then
+keeps one copy for backward, not L.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from moe_core.config import ModelConfig
 from moe_core.errors import ConfigError
 from moe_core.layers import Attention, Rotary, SwiGLU
 from moe_core.moe.balance import load_fraction, switch_loss
-from moe_core.moe.layer import ExpertPool, LayerRouting, MoEFFN, ProbeSpec, updates_state
+from moe_core.moe.experts import BankCast, compute_dtype
+from moe_core.moe.layer import ExpertPool, LayerRouting, MoEFFN, PoolWeights, ProbeSpec, updates_state
 from moe_core.moe.router import Router
 from moe_core.moe.stats import summarize_routing
 
@@ -45,7 +49,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BSD, router: Router | None = None, pool: ExpertPool | None = None):
+    def forward(self, x_BSD, router: Router | None = None, pool: ExpertPool | PoolWeights | None = None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoEFFN):
@@ -80,6 +84,7 @@ class MoETransformer(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.last_routing: list[LayerRouting] = []  # detached records of the latest forward
+        self._pool_last_layer = {ffn.pool: ffn.layer for ffn in self.moe_layers}  # when a cast is no longer needed
         self.reset_parameters()
 
     @torch.no_grad()
@@ -97,11 +102,20 @@ class MoETransformer(nn.Module):
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
         x_BSD = self.embed(idx_BS)
+        dtype = compute_dtype(x_BSD)
+        casts: dict[int, list[BankCast]] = {}  # pool id -> its banks cast for this forward
         records = []
         for block in self.blocks:
             if isinstance(block.ffn, MoEFFN):
-                x_BSD, routing = block(x_BSD, self.routers[block.ffn.router], self.pools[block.ffn.pool])
+                pid = block.ffn.pool
+                if pid not in casts:
+                    casts[pid] = self.pools[pid].cast(dtype)
+                uses = PoolWeights(tuple(c.use() for c in casts[pid]))
+                x_BSD, routing = block(x_BSD, self.routers[block.ffn.router], uses)
+                del uses  # the last reference to the cast besides `casts` (and autograd's)
                 records.append(routing)
+                if block.ffn.layer == self._pool_last_layer[pid]:
+                    del casts[pid]  # without autograd (evaluation) the copy is freed here
             else:
                 x_BSD, _ = block(x_BSD)
         x_BSD = self.norm(x_BSD)

@@ -358,3 +358,14 @@ def test_every_library_trial_has_a_partner_for_each_swept_knob():
                 if not any(o[name] != point[name] and all(o.get(k) == v for k, v in point.items() if k != name) for o in dicts):
                     missing.append((plan.spec.name, name, point))
     assert not missing, missing[:5]
+
+
+def test_result_columns_say_how_overflow_was_handled():
+    from orchestrator.results import TRIALS_SCHEMA, resolved_columns
+
+    plan = plan_sweep(SWEEPS / "micro" / "dropping.yaml")
+    by = {t.params["routing"]: resolved_columns(t.config.to_dict()) for t in plan.trials if t.seed == 0}
+    assert (by["dropless"]["capacity_factor"], by["dropless"]["overflow"]) == (None, None)
+    assert (by["drop_1_0"]["capacity_factor"], by["drop_1_0"]["overflow"]) == (1.0, "drop")
+    assert (by["default_1_0"]["capacity_factor"], by["default_1_0"]["overflow"]) == (1.0, "default_expert")
+    assert "overflow" in TRIALS_SCHEMA

@@ -35,10 +35,14 @@ def _step(model, idx):
     return out
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.25], ids=["dropless", "cf1.25"])
+ROUTINGS = {"dropless": {}, "cf1.25": {"capacity_factor": 1.25},
+            "cf0.5_default_expert": {"capacity_factor": 0.5, "overflow": "default_expert"}}
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_training_step_makes_no_host_synchronisation(name, capacity_factor):
-    model = build_model(tiny({**LAYOUTS[name], "backend": "grouped", "capacity_factor": capacity_factor}))
+def test_training_step_makes_no_host_synchronisation(name, routing):
+    model = build_model(tiny({**LAYOUTS[name], "backend": "grouped", **ROUTINGS[routing]}))
     idx = torch.randint(0, 48, (3, 17))
     _step(model, idx)  # first step: lazily built state
     with SyncAudit() as audit:
@@ -218,9 +222,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("capacity_factor", [None, 1.25])
-def test_gpu_training_step_never_waits_for_the_device(capacity_factor):
-    model = build_model(tiny({**LAYOUTS["hetero_shared"], "backend": "auto", "capacity_factor": capacity_factor},
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_gpu_training_step_never_waits_for_the_device(routing):
+    model = build_model(tiny({**LAYOUTS["hetero_shared"], "backend": "auto", **ROUTINGS[routing]},
                              d_model=64, d_ff=128)).cuda()
     idx = torch.randint(0, 48, (4, 17), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):

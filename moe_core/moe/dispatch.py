@@ -2,7 +2,7 @@
 and pairs (gather and combine), all with static shapes and no host synchronisation.
 
 Shape legend: T tokens, K slots of one expert set (its top-k), P = K * T pairs, E experts,
-D feature width.
+G groups of rows (the E experts, and a default expert with overflow), D feature width.
 
 Pairs are numbered slot-major: pair p = slot * T + token. A stable sort by expert then lists,
 within each expert, every token's first choice before any second choice, and tokens in batch
@@ -17,11 +17,17 @@ GPU (no `bincount`, `nonzero`, boolean-mask indexing or `.item()`), shapes never
 routing (torch.compile compiles once), and a dropped row is computed with a zero gate, which
 makes its output and every gradient through it exactly zero. (At CF >= 1 that is no more work
 than a fixed E * C slot buffer; at CF < 1 the dropped rows are computed and discarded.)
+
+Overflow to a default expert (`MoEConfig.overflow`): instead of dropping them, the pairs over
+capacity are re-labelled to an extra group E (the set's default expert, uncapped) and the pairs
+re-sorted, stably, on the device: E + 1 groups cover every row, each row keeps its gate, and the
+backends compute it like any other group. The router's own counts (routed, kept within capacity)
+are still reported over the E routed experts, for the balance losses and the statistics.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -52,11 +58,12 @@ class Dispatch:
     pair_P: torch.Tensor  # slot-major pair index of each row; a permutation of range(P)
     token_P: torch.Tensor  # token index of each row
     row_P: torch.Tensor  # the inverse permutation: row of each slot-major pair
-    offsets_E: torch.Tensor  # int32 end row of each expert's group (cumulative routed counts)
-    routed_E: torch.Tensor  # pairs routed to each expert (int64)
-    kept_E: torch.Tensor  # pairs each expert computes: routed, or at most the capacity (int64)
-    keep_P: torch.Tensor | None  # bool per row: within capacity; None when dropless
+    offsets_E: torch.Tensor  # int32 end row of each group: the E experts, then any default expert
+    routed_E: torch.Tensor  # pairs the router sent to each routed expert (int64)
+    kept_E: torch.Tensor  # pairs each routed expert computes: routed, or at most the capacity (int64)
+    keep_P: torch.Tensor | None  # bool per row: computed; None when every row is (dropless, overflow)
     num_tokens: int
+    default_rows: torch.Tensor | None = None  # pairs over capacity the default expert computes
 
     @property
     def num_pairs(self) -> int:
@@ -64,11 +71,20 @@ class Dispatch:
 
     @property
     def num_experts(self) -> int:
+        """Routed experts (the router's columns); a default expert is one group more."""
         return self.routed_E.numel()
 
     @property
     def num_dropped(self) -> torch.Tensor:
-        return self.routed_E.sum() - self.kept_E.sum()
+        """Pairs computed by no expert (zero when the overflow goes to a default expert)."""
+        dropped = self.routed_E.sum() - self.kept_E.sum()
+        return dropped if self.default_rows is None else dropped - self.default_rows
+
+    @property
+    def computed_G(self) -> torch.Tensor:
+        """Rows each group computes, in group order: kept pairs per expert, then the default
+        expert's (the streamed path runs exactly these rows)."""
+        return self.kept_E if self.default_rows is None else torch.cat([self.kept_E, self.default_rows[None]])
 
     def keep_mask_TK(self) -> torch.Tensor:
         """Bool (T, K): whether each (token, slot) pair reaches its expert."""
@@ -108,6 +124,19 @@ def sort_by_expert(ids_TK: torch.Tensor, num_experts: int, cap: int | None = Non
         keep_P=keep,
         num_tokens=num_tokens,
     )
+
+
+def sort_with_overflow(ids_TK: torch.Tensor, num_experts: int, cap: int) -> tuple[torch.Tensor, Dispatch]:
+    """Capacity as `sort_by_expert`, but the pairs over capacity go to a default expert, id
+    `num_experts`, instead of being dropped. Returns the ids each pair is computed by (T, K) and
+    their dispatch over E + 1 groups, whose counts stay the router's (see module docstring)."""
+    capped = sort_by_expert(ids_TK, num_experts, cap)
+    # Sorted again, stably, over E + 1 ids: the kept pairs keep their order within their expert,
+    # and the default expert lists its pairs slot-major like any other.
+    ids_TK = ids_TK.masked_fill(~capped.keep_mask_TK(), num_experts)
+    grouped = sort_by_expert(ids_TK, num_experts + 1)
+    default_rows = capped.routed_E.sum() - capped.kept_E.sum()
+    return ids_TK, replace(grouped, routed_E=capped.routed_E, kept_E=capped.kept_E, default_rows=default_rows)
 
 
 def _sum_pairs(rows_PD: torch.Tensor, row_P: torch.Tensor, num_tokens: int) -> torch.Tensor:

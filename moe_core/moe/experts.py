@@ -17,11 +17,15 @@ pairs, sorted by expert (`dispatch.py`).
   (TRITON_INTERPRET=1) for the parity tests.
 - `auto`: `streamed` on CPU in eager mode, `grouped` everywhere else (GPUs, and under
   torch.compile, which cannot trace the streamed path's host reads).
+
+Every backend takes `Experts`: a bank (its parameters, cast here to the compute dtype) or the
+`ExpertWeights` a `BankCast` made once per forward for all the layers that share the bank.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +48,64 @@ class ExpertBank(nn.Module):
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, width, d_model))
 
 
+@dataclass(frozen=True)
+class ExpertWeights:
+    """A bank's weights as one layer computes with them (see `BankCast`)."""
+
+    w13_EDF2: torch.Tensor
+    w2_EFD: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13_EDF2.shape[0]
+
+
+Experts = ExpertBank | ExpertWeights
+
+
+class _UseCast(torch.autograd.Function):
+    """One layer's use of a weight's cast copy: the output aliases the copy, so autograd saves it
+    once however many layers use it; the gradient goes to the weight in the weight's dtype, so
+    the layers' gradients are summed in full precision, exactly as when each layer cast its own."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = weight.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+class BankCast:
+    """A bank's weights cast to the compute dtype once per forward, for every layer that uses
+    the bank. Under autocast a UniPool pool would otherwise be cast, and the copy saved for
+    backward, by each of its layers: L copies of the pool instead of one."""
+
+    def __init__(self, bank: ExpertBank, dtype: torch.dtype) -> None:
+        self.bank = bank
+        w13, w2 = bank.w13_EDF2, bank.w2_EFD
+        self.cast = None if w13.dtype == dtype else (w13.detach().to(dtype), w2.detach().to(dtype))
+
+    def use(self) -> ExpertWeights:
+        """The weights for one layer: the parameters themselves when no cast is needed."""
+        w13, w2 = self.bank.w13_EDF2, self.bank.w2_EFD
+        if self.cast is None:
+            return ExpertWeights(w13, w2)
+        return ExpertWeights(_UseCast.apply(w13, self.cast[0]), _UseCast.apply(w2, self.cast[1]))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's where it is on (its dtype rules skip the ops
+    the fast paths use, so they cast by hand), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def experts_reference(
-    bank: ExpertBank, x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor, keep_TK: torch.Tensor
+    bank: Experts, x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor, keep_TK: torch.Tensor
 ) -> torch.Tensor:
     """y[t] = sum over kept slots k of gate[t, k] * expert_{ids[t, k]}(x[t]); a plain loop."""
     out = torch.zeros_like(x_TD)
@@ -69,19 +129,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def cast_for_experts(
-    x_TD: torch.Tensor, bank: ExpertBank, dispatch: Dispatch, gates_TK: torch.Tensor
+    x_TD: torch.Tensor, bank: Experts, dispatch: Dispatch, gates_TK: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, the bank's weights and each row's gate (`Dispatch.pair_gates`) in the compute dtype:
-    autocast's where it is on (its dtype rules skip the ops the fast paths use, so they cast by
-    hand), else x's."""
-    dtype = x_TD.dtype
-    if torch.is_autocast_enabled(x_TD.device.type):
-        dtype = torch.get_autocast_dtype(x_TD.device.type)
+    """x, the weights and each row's gate (`Dispatch.pair_gates`) in the compute dtype
+    (`compute_dtype`); weights a `BankCast` made are in it already and are not copied."""
+    dtype = compute_dtype(x_TD)
     gates_P = dispatch.pair_gates(gates_TK).to(dtype)
     return x_TD.to(dtype), bank.w13_EDF2.to(dtype), bank.w2_EFD.to(dtype), gates_P
 
 
-def experts_grouped(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
+def experts_grouped(bank: Experts, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
     """Gather rows in expert order, two grouped GEMMs, combine. Sync-free, static shapes."""
     x_TD, w13, w2, gates_P = cast_for_experts(x_TD, bank, dispatch, gates_TK)
     with torch.autocast(x_TD.device.type, enabled=False):
@@ -92,14 +149,14 @@ def experts_grouped(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, ga
         return combine(y_PD, dispatch)
 
 
-def experts_cpu_streamed(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
+def experts_cpu_streamed(bank: Experts, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
     """The CPU path: expert chunks streamed through the cache (`streamed.py`)."""
     x_TD, w13, w2, gates_P = cast_for_experts(x_TD, bank, dispatch, gates_TK)
     with torch.autocast(x_TD.device.type, enabled=False):
         return experts_streamed(x_TD, gates_P, w13, w2, dispatch)
 
 
-def experts_triton(bank: ExpertBank, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
+def experts_triton(bank: Experts, x_TD: torch.Tensor, dispatch: Dispatch, gates_TK: torch.Tensor) -> torch.Tensor:
     """The Triton backend, with the same casting rules as `experts_grouped`."""
     if x_TD.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("moe.backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")

@@ -6,7 +6,8 @@ the sets' top-k.
 A layer owns only what is its own: shared (always-on) experts, its loss-free balancing bias and
 its usage counters. The router and the expert pool are passed in by the model, because PathMoE
 shares a router across layers and UniPool shares a pool across layers: each parameter then has
-one name and one storage, and its gradient sums over every layer that used it.
+one name and one storage, and its gradient sums over every layer that used it. The model passes
+the pool's weights already cast for the forward (`PoolWeights`), so a shared pool is cast once.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from torch import nn
 from moe_core.config import ModelConfig
 from moe_core.layers import SwiGLU
 from moe_core.moe.balance import balance_probs, load_fraction, switch_loss, update_loss_free_bias, z_loss
-from moe_core.moe.dispatch import capacity, capacity_ratio, sort_by_expert
-from moe_core.moe.experts import BACKENDS, ExpertBank, experts_reference, resolve_backend
+from moe_core.moe.dispatch import Dispatch, capacity, capacity_ratio, sort_by_expert, sort_with_overflow
+from moe_core.moe.experts import (
+    BACKENDS, BankCast, ExpertBank, Experts, ExpertWeights, experts_reference, resolve_backend,
+)
 from moe_core.moe.router import Router, SetSlice, gate_values, random_experts, select_experts
 
 
@@ -33,15 +36,32 @@ def updates_state(module: nn.Module) -> bool:
 
 
 class ExpertPool(nn.Module):
-    """The routed experts one layer (layerwise) or a group of layers (UniPool) draws from."""
+    """The routed experts one layer (layerwise) or a group of layers (UniPool) draws from.
+
+    With `overflow: default_expert` each set's bank holds one expert more, last, of the set's
+    width: the set's default expert, which the router never scores and which computes the pairs
+    over capacity. It belongs to the pool like every other expert (shared by UniPool's layers).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        extra = int(cfg.moe.overflow == "default_expert")
         self.sets = nn.ModuleList(
-            ExpertBank(s.num_experts, cfg.d_model, cfg.expert_width(s.granularity)) for s in cfg.moe.experts
+            ExpertBank(s.num_experts + extra, cfg.d_model, cfg.expert_width(s.granularity)) for s in cfg.moe.experts
         )
         # UniPool's pool loss uses the previous micro-batch's layer-averaged loads, detached.
         self.register_buffer("prev_load_N", torch.zeros(cfg.moe.num_routed_experts))
+
+    def cast(self, dtype: torch.dtype) -> list[BankCast]:
+        """Each bank's weights in `dtype`, cast once for all the layers of one forward."""
+        return [BankCast(bank, dtype) for bank in self.sets]
+
+
+@dataclass(frozen=True)
+class PoolWeights:
+    """A pool's weights as one layer computes with them (`ExpertPool.cast`)."""
+
+    sets: tuple[ExpertWeights, ...]
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,8 @@ class LayerRouting:
     num_tokens: int
     ids_TK: torch.Tensor  # chosen experts, ids over the pool's N experts
     routed_N: torch.Tensor  # pairs routed to each expert (before dropping)
-    kept_N: torch.Tensor  # pairs each expert computed
+    kept_N: torch.Tensor  # pairs each expert computed within capacity
+    default_pairs: torch.Tensor  # pairs over capacity the default experts computed (0 unless overflow)
     mean_p_N: torch.Tensor  # mean balance probability per expert (grad)
     aux: torch.Tensor  # Switch loss, unweighted (grad)
     z: torch.Tensor  # router z-loss, unweighted (grad)
@@ -80,6 +101,7 @@ class MoEFFN(nn.Module):
         self.balance, self.router_cfg = moe.balance, moe.router
         self.capacity_factor, self.backend = moe.capacity_factor, moe.backend
         self.capacity_ratio = None if moe.capacity_factor is None else capacity_ratio(moe.capacity_factor)
+        self.overflow_to_default = moe.overflow == "default_expert"
         offsets = [0, *accumulate(s.num_experts for s in moe.experts)]
         self.sets = tuple(SetSlice(o, s.num_experts, s.top_k) for o, s in zip(offsets, moe.experts))
         slot_offsets = [0, *accumulate(s.top_k for s in moe.experts)]
@@ -94,23 +116,36 @@ class MoEFFN(nn.Module):
         self.probe: ProbeSpec | None = None
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. all-reduce sum
 
-    def forward(self, x_BSD: torch.Tensor, router: Router, pool: ExpertPool) -> tuple[torch.Tensor, LayerRouting]:
+    def forward(
+        self, x_BSD: torch.Tensor, router: Router, pool: ExpertPool | PoolWeights
+    ) -> tuple[torch.Tensor, LayerRouting]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         num_tokens = x_TD.shape[0]
         logits_TN, scores_TN = router(x_TD)
         ids_TK, gates_TK = self._route(scores_TN)
 
         y_TD = torch.zeros_like(x_TD) if self.shared is None else self.shared(x_TD)
-        routed, kept = [], []
+        routed, kept, defaulted = [], [], []
         for s, cols, bank in zip(self.sets, self.slot_cols, pool.sets):
-            local_TK = ids_TK[:, cols] - s.offset
-            cap = None if self.capacity_ratio is None else capacity(self.capacity_ratio, num_tokens, s.top_k, s.num_experts)
-            dispatch = sort_by_expert(local_TK, s.num_experts, cap)
+            local_TK, dispatch = self._dispatch(ids_TK[:, cols] - s.offset, s.num_experts, s.top_k)
             y_TD = y_TD + self._experts(bank, x_TD, local_TK, gates_TK[:, cols], dispatch)
             routed.append(dispatch.routed_E)
             kept.append(dispatch.kept_E)
+            if dispatch.default_rows is not None:
+                defaulted.append(dispatch.default_rows)
         routed_N, kept_N = torch.cat(routed), torch.cat(kept)
-        return y_TD.view_as(x_BSD), self._report(num_tokens, logits_TN, scores_TN, ids_TK, routed_N, kept_N)
+        default_pairs = torch.stack(defaulted).sum() if defaulted else routed_N.new_zeros(())
+        routing = self._report(num_tokens, logits_TN, scores_TN, ids_TK, routed_N, kept_N, default_pairs)
+        return y_TD.view_as(x_BSD), routing
+
+    def _dispatch(self, local_TK: torch.Tensor, num_experts: int, top_k: int) -> tuple[torch.Tensor, Dispatch]:
+        """The set's pairs sorted by expert, and the ids that compute them (the default expert's,
+        `num_experts`, for the overflow)."""
+        num_tokens = local_TK.shape[0]
+        cap = None if self.capacity_ratio is None else capacity(self.capacity_ratio, num_tokens, top_k, num_experts)
+        if self.overflow_to_default:
+            return sort_with_overflow(local_TK, num_experts, cap)
+        return local_TK, sort_by_expert(local_TK, num_experts, cap)
 
     def _route(self, scores_TN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         renorm = self.router_cfg.renormalize
@@ -133,13 +168,13 @@ class MoEFFN(nn.Module):
                 cands.append(top.cpu() + s.offset)
         return cands
 
-    def _experts(self, bank: ExpertBank, x_TD, local_TK, gates_TK, dispatch) -> torch.Tensor:
+    def _experts(self, bank: Experts, x_TD, local_TK, gates_TK, dispatch) -> torch.Tensor:
         backend = resolve_backend(self.backend, x_TD.device)
         if backend == "reference":
             return experts_reference(bank, x_TD, local_TK, gates_TK, dispatch.keep_mask_TK())
         return BACKENDS[backend](bank, x_TD, dispatch, gates_TK)
 
-    def _report(self, num_tokens, logits_TN, scores_TN, ids_TK, routed_N, kept_N) -> LayerRouting:
+    def _report(self, num_tokens, logits_TN, scores_TN, ids_TK, routed_N, kept_N, default_pairs) -> LayerRouting:
         p_TN = balance_probs(scores_TN, self.router_cfg.scoring, self.sets)
         mean_p_N = p_TN.mean(dim=0)
         if updates_state(self):
@@ -165,6 +200,7 @@ class MoEFFN(nn.Module):
             ids_TK=ids_TK,
             routed_N=routed_N,
             kept_N=kept_N,
+            default_pairs=default_pairs,
             mean_p_N=mean_p_N,
             aux=switch_loss(f_N, mean_p_N, self.sets) if self.balance.aux_weight > 0 else zero,
             z=z_loss(logits_TN) if self.balance.z_weight > 0 else zero,

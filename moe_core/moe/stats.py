@@ -5,7 +5,9 @@ dispatch computes anyway); turning records into numbers here syncs with the devi
 calls it only when it logs.
 
 Reported per MoE layer: pairs per expert, max / mean load (1.0 is perfect balance), dropped
-fraction, mean per-token routing entropy (nats), dead experts (no pair this batch). For shared
+fraction (pairs over capacity that no expert computes), default fraction (pairs over capacity
+the default expert computes, with `overflow: default_expert`; the two add up to the share over
+capacity), mean per-token routing entropy (nats), dead experts (no pair this batch). For shared
 pools (UniPool): how much of the pool the layers use and how many distinct experts a token meets
 across layers. For path analysis (PathMoE): the top-1 expert sequence of a few tokens, and the
 Jaccard overlap of each token's expert set between consecutive MoE layers.
@@ -63,15 +65,17 @@ def summarize_routing(records: list[LayerRouting], cfg: ModelConfig, path_tokens
     pools = sorted(by_pool.items()) if cfg.moe.layout == "unipool" else []
     device_values = (
         [r.routed_N for r in records]
-        + [torch.stack([r.kept_N.sum() for r in records]), torch.stack([r.entropy.float() for r in records])]
+        + [torch.stack([r.kept_N.sum() for r in records]), torch.stack([r.default_pairs for r in records])]
+        + [torch.stack([r.entropy.float() for r in records])]
         + [torch.stack([_jaccard(a.ids_TK, b.ids_TK) for a, b in zip(records, records[1:])] or [records[0].entropy.new_zeros(())])]
         + [torch.stack([r.ids_TK[:path_tokens, 0] for r in records], dim=1)]
         + [torch.stack([(r.routed_N > 0) for r in recs]).sum(dim=0) for _, recs in pools]
         + [_unique_per_row(torch.cat([r.ids_TK for r in recs], dim=-1)).float().mean() for _, recs in pools]
     )
     host = _to_host(device_values)
-    routed, (kept, entropy, jaccard, top1) = host[: len(records)], host[len(records) : len(records) + 4]
-    used_by, unique = host[len(records) + 4 : len(records) + 4 + len(pools)], host[len(records) + 4 + len(pools) :]
+    n = len(records)
+    routed, (kept, defaulted, entropy, jaccard, top1) = host[:n], host[n : n + 5]
+    used_by, unique = host[n + 5 : n + 5 + len(pools)], host[n + 5 + len(pools) :]
     jaccard = jaccard if len(records) > 1 else []
     layers = []
     for i, r in enumerate(records):
@@ -82,7 +86,8 @@ def summarize_routing(records: list[LayerRouting], cfg: ModelConfig, path_tokens
                 "pool": r.pool,
                 "tokens_per_expert": [int(c) for c in routed[i]],
                 "max_load": max(c / e for c, e in zip(routed[i], _expected_load(cfg, r.num_tokens))),
-                "dropped_fraction": 1.0 - kept[i] / max(total_pairs, 1),
+                "dropped_fraction": 1.0 - (kept[i] + defaulted[i]) / max(total_pairs, 1),
+                "default_fraction": defaulted[i] / max(total_pairs, 1),
                 "entropy": entropy[i],
                 "dead_experts": sum(c == 0 for c in routed[i]),
             }
@@ -94,6 +99,7 @@ def summarize_routing(records: list[LayerRouting], cfg: ModelConfig, path_tokens
         "summary": {
             "max_load": sum(x["max_load"] for x in layers) / len(layers),
             "dropped_fraction": sum(x["dropped_fraction"] for x in layers) / len(layers),
+            "default_fraction": sum(x["default_fraction"] for x in layers) / len(layers),
             "entropy": sum(x["entropy"] for x in layers) / len(layers),
             "dead_experts": sum(x["dead_experts"] for x in layers),
             "jaccard": sum(jaccard) / len(jaccard) if jaccard else float("nan"),

@@ -98,13 +98,13 @@ class StreamedExperts(torch.autograd.Function):
 
 def experts_streamed(x_TD: torch.Tensor, gates_P: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch.Tensor,
                      dispatch: Dispatch) -> torch.Tensor:
-    """Entry point: drop the rows over capacity, plan chunks from the per-expert counts (host
+    """Entry point: drop the rows over capacity, plan chunks from the per-group counts (host
     reads, free on a CPU) and run. Within an expert the kept rows come first, so the remaining
-    rows stay grouped by expert."""
+    rows stay grouped by expert; a default expert (overflow) is one group more."""
     token_P = dispatch.token_P
     if dispatch.keep_P is not None:
         rows = dispatch.keep_P.nonzero().squeeze(1)
         token_P, gates_P = token_P.index_select(0, rows), gates_P.index_select(0, rows)
-    counts = dispatch.kept_E.tolist()
+    counts = dispatch.computed_G.tolist()
     rows = max(1, CHUNK_BYTES // (x_TD.shape[1] * x_TD.element_size()))
     return StreamedExperts.apply(x_TD, gates_P, w13_EDF2, w2_EFD, token_P, counts, plan_chunks(counts, rows))
