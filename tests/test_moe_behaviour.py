@@ -216,7 +216,8 @@ def test_norm_router_constant_gives_unit_norm_top_k_scores():
     c = norm_router_constant(((64, 4),))
     z = torch.randn(20000, 64, generator=torch.Generator().manual_seed(123))
     s = c * torch.relu(z / z.norm(dim=-1, keepdim=True))
-    assert float(s.topk(4, dim=-1).values.norm(dim=-1).mean()) == pytest.approx(1.0, abs=0.01)
+    # 100,000 samples (UniPool's recipe) put c within Monte Carlo error of this independent check.
+    assert float(s.topk(4, dim=-1).values.norm(dim=-1).mean()) == pytest.approx(1.0, abs=0.003)
     # Two sets, each with its own top-k: the union of their choices has unit norm.
     c2 = norm_router_constant(((48, 3), (16, 1)))
     s2 = c2 * torch.relu(z / z.norm(dim=-1, keepdim=True))

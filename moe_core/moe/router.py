@@ -30,22 +30,33 @@ class SetSlice:
         return slice(self.offset, self.offset + self.num_experts)
 
 
+# UniPool's recipe: c from 100,000 samples with seed 42 (drawn in chunks to bound memory).
+NORM_CONST_SAMPLES, NORM_CONST_SEED, _CHUNK = 100_000, 42, 10_000
+
+
 @functools.lru_cache(maxsize=None)
-def norm_router_constant(sets: tuple[tuple[int, int], ...], samples: int = 8192) -> float:
+def norm_router_constant(
+    sets: tuple[tuple[int, int], ...], samples: int = NORM_CONST_SAMPLES, seed: int = NORM_CONST_SEED
+) -> float:
     """UniPool's c: makes the chosen NormRouter scores unit-norm in expectation for z ~ N(0, I).
 
     `sets` lists (num_experts, top_k) of each expert set; each set picks its own top-k of the
-    shared normalised scores. Estimated once by Monte Carlo with a fixed seed; the router keeps
-    the value in a buffer, so a checkpoint carries the c it was trained with.
+    shared normalised scores. Estimated once by Monte Carlo with the paper's sample count and
+    seed; the router keeps the value in a buffer, so a checkpoint carries the c it was trained with.
     """
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(samples, sum(n for n, _ in sets), generator=gen, dtype=torch.float64)
-    s = F.relu(z / z.norm(dim=-1, keepdim=True))
-    chosen, offset = [], 0
-    for n, k in sets:
-        chosen.append(s[:, offset : offset + n].topk(k, dim=-1).values)
-        offset += n
-    return float(1.0 / torch.cat(chosen, dim=-1).norm(dim=-1).mean())
+    gen = torch.Generator().manual_seed(seed)
+    total, done = 0.0, 0
+    while done < samples:
+        rows = min(_CHUNK, samples - done)
+        z = torch.randn(rows, sum(n for n, _ in sets), generator=gen, dtype=torch.float64)
+        s = F.relu(z / z.norm(dim=-1, keepdim=True))
+        chosen, offset = [], 0
+        for n, k in sets:
+            chosen.append(s[:, offset : offset + n].topk(k, dim=-1).values)
+            offset += n
+        total += float(torch.cat(chosen, dim=-1).norm(dim=-1).sum())
+        done += rows
+    return samples / total
 
 
 class Router(nn.Module):
