@@ -22,6 +22,7 @@ table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.85em; }
 td, th { border: 1px solid #ccc; padding: 3px 7px; text-align: left; }
 .reproduced { background: #d8f3dc; } .contradicted { background: #ffd6d6; } .inconclusive { background: #eee; }
 .fit { background: #e3ecff; } img { max-width: 100%; border: 1px solid #ddd; } h2 { margin-top: 2em; }
+.not-tested { background: #f8f8f8; color: #777; }
 """
 
 
@@ -48,6 +49,25 @@ def _table_html(df: pd.DataFrame, limit: int = 40) -> str:
     return shown.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, na_rep="") + more
 
 
+def _checks_html(finding: Finding) -> str:
+    """The finding's sub-claims, one row each with its own verdict, effect and numbers."""
+    rows = "".join(
+        f'<tr class="{c.verdict.replace(" ", "-")}"><td>{html.escape(c.claim)}</td>'
+        f"<td>{'required' if c.required else 'supporting'}</td><td>{c.verdict}</td>"
+        f"<td>{'' if c.effect is None else f'{c.effect:+.4g}'}</td><td>{html.escape(c.detail)}</td></tr>"
+        for c in finding.checks
+    )
+    head = "<tr><th>sub-claim</th><th>role</th><th>verdict</th><th>effect</th><th>evidence</th></tr>"
+    return f"<table>{head}{rows}</table>"
+
+
+def _verdicts_line(finding: Finding) -> str:
+    """The overview's evidence cell: each sub-claim's verdict (the numbers are in its section)."""
+    if not finding.checks:
+        return finding.summary
+    return "; ".join(f"{c.claim}: {c.verdict}" for c in finding.checks)
+
+
 def write_report(trials: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path, title: str) -> Path:
     """Figures `out_dir/<finding>.png` and `out_dir/index.html`; returns the page's path."""
     out = Path(out_dir)
@@ -56,7 +76,7 @@ def write_report(trials: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path,
     counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
     rows = "".join(
         f'<tr class="{f.verdict}"><td><a href="#{f.key}">{html.escape(f.title)}</a></td><td>{f.verdict}</td>'
-        f"<td>{html.escape(f.summary)}</td></tr>" for f in findings
+        f"<td>{html.escape(_verdicts_line(f))}</td></tr>" for f in findings
     )
     sections = []
     for f in findings:
@@ -67,8 +87,9 @@ def write_report(trials: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path,
             img = f'<img alt="{html.escape(f.title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         sections.append(
             f'<h2 id="{f.key}">{html.escape(f.title)}: <span class="{f.verdict}">{f.verdict}</span></h2>'
-            f"<p><b>Claim.</b> {html.escape(f.claim)}</p><p><b>Evidence.</b> {html.escape(f.summary)}</p>"
-            f"{img}{_table_html(f.table)}"
+            f"<p><b>Claim.</b> {html.escape(f.claim)}</p>"
+            + (_checks_html(f) if f.checks else f"<p><b>Evidence.</b> {html.escape(f.summary)}</p>")
+            + f"{img}{_table_html(f.table)}"
         )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
