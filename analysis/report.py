@@ -96,7 +96,7 @@ def write_report(trials: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path,
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>{len(trials)} trials ({', '.join(f'{k} {v}' for k, v in counts.items())}). Verdicts compare trials that differ "
         f"only in the factor at hand and judge effects against the seed noise where seeds repeat "
-        f"(rules in <code>analysis/findings.py</code>).</p>"
+        f"(rules in <code>analysis/findings/</code>).</p>"
         f"<table><tr><th>finding</th><th>verdict</th><th>evidence</th></tr>{rows}</table>"
         + "".join(sections) + "</body></html>"
     )

@@ -96,9 +96,14 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def difference_se(noise: float, n: int) -> float:
+    """Standard error of a difference of two means of `n` seeds each, for a per-seed `noise`."""
+    return noise * math.sqrt(2 / max(n, 1))
+
+
 def beyond_noise(effect: float, noise: float | None, n: int = 1) -> bool | None:
     """Is |effect| larger than twice the standard error of a difference of means of `n` seeds?
     None when the noise is unknown (no repeated seeds)."""
     if noise is None:
         return None
-    return bool(abs(effect) > 2 * noise * math.sqrt(2 / max(n, 1)))
+    return bool(abs(effect) > 2 * difference_se(noise, n))
