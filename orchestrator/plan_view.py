@@ -33,8 +33,9 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
         spec = plan.spec
         title = f"{spec.name} ({plan.path}): {spec.method}, {plan.planned_trials} trials ({_points(plan)})"
         table = Table(title=title, title_justify="left")
-        for col in ("trial_id", "scale", "seed", "params", "moe", "active", "total", "GFLOP/tok", "tokens", "FLOPs", "est."):
-            table.add_column(col, justify="right" if col in ("active", "total", "GFLOP/tok", "tokens", "FLOPs", "est.") else "left")
+        numeric = ("active", "total", "GFLOP/tok", "tokens", "FLOPs", "est.", "mem/GPU")
+        for col in ("trial_id", "scale", "seed", "params", "moe", *numeric):
+            table.add_column(col, justify="right" if col in numeric else "left")
         rows = plan.trials if spec.method != "bayes" else ([plan.estimate] if plan.estimate else [])
         for t in rows[: max(limit, 0)]:
             d = t.derived
@@ -43,7 +44,7 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
             table.add_row(
                 t.trial_id if spec.method != "bayes" else "(typical)", t.scale, str(t.seed), params, moe,
                 _si(t.active_params), _si(t.total_params), f"{t.flops_per_token / 1e9:.3g}", _si(t.train_tokens),
-                _si(t.train_flops), _hours(t.est_hours),
+                _si(t.train_flops), _hours(t.est_hours), _memory(t),
             )
         if len(rows) > limit > 0:
             table.caption = f"... {len(rows) - limit} more trials (--limit N to show more, --json for all)"
@@ -51,6 +52,8 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
             console.print(table)
         else:
             console.print(f"{title}{f', {len(plan.skipped)} skipped' if plan.skipped else ''}")
+        if plan.largest is not None:
+            console.print(f"  largest: {_memory(plan.largest)} per GPU ({plan.largest.trial_id}, {plan.largest.scale})")
         if spec.method == "bayes":
             space = ", ".join(f"{k}: {_space(p)}" for k, p in spec.parameters.items())
             console.print(f"  search space ({spec.sampler}): {space}")
@@ -71,6 +74,13 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
             _si(sum(p.train_flops for p in group)), f"{sum(p.device_hours for p in group):,.1f} {group[0].hardware.unit}-h",
         )
     console.print(total)
+
+
+def _memory(t: Any) -> str:
+    """The memory plan's estimate per GPU, and the sharding when it is not plain DDP."""
+    if t.memory_per_gpu is None:
+        return "-"
+    return f"{t.memory_per_gpu / 1e9:.1f} GB" + (" fsdp" if t.sharding == "fsdp" else "")
 
 
 def _points(plan: Plan) -> str:
@@ -100,6 +110,7 @@ def plans_json(plans: list[Plan]) -> dict[str, Any]:
             "hardware": p.hardware.name,
             "search_space": {k: v.to_dict() for k, v in p.spec.parameters.items()} if p.spec.method == "bayes" else None,
             "typical_trial": p.estimate.to_dict(with_config=False) if p.estimate else None,
+            "largest_memory_per_gpu": p.largest.memory_per_gpu if p.largest else None,
         })
     return {
         "sweeps": sweeps,

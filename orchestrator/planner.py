@@ -36,6 +36,7 @@ from moe_core.accounting import count_params
 from moe_core.config import ModelConfig
 from moe_core.data.config import DataConfig
 from moe_core.errors import ConfigError, _model_in
+from moe_core.memory import choose_sharding
 from moe_core.train.config import TrainConfig
 from moe_core.trial import TrialConfig
 from moe_core.yaml_io import load_yaml_with_lines
@@ -69,6 +70,12 @@ class PlannedTrial:
     train_flops: float  # flops_per_token * train_tokens
     est_hours: float  # on the sweep's hardware
     hardware: str
+    sharding: str  # `none` (DDP or one worker) or `fsdp`, as written into train.sharding
+    memory: dict[str, Any] | None = None  # moe_core.memory estimate per GPU (None on CPUs)
+
+    @property
+    def memory_per_gpu(self) -> int | None:
+        return self.memory["total"] if self.memory else None
 
     def to_dict(self, with_config: bool = True) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "config"}
@@ -125,6 +132,12 @@ class Plan:
     @property
     def hardware(self) -> Hardware:
         return _hardware(self.spec)
+
+    @property
+    def largest(self) -> PlannedTrial | None:
+        """The trial needing the most memory per GPU (None where memory is not planned)."""
+        trials = [t for t in (self.trials or ([self.estimate] if self.estimate else [])) if t.memory]
+        return max(trials, key=lambda t: t.memory_per_gpu, default=None)
 
 
 class SweepFile:
@@ -346,6 +359,9 @@ class Planner:
         counts = count_params(trial.model)
         if spec.max_total_params is not None and counts.total > spec.max_total_params:
             raise Infeasible(f"{counts.total / 1e9:.2f}B total parameters exceed max_total_params {spec.max_total_params / 1e9:g}B")
+        sharding, memory = self._memory_plan(trial, point)
+        if sharding != trial.train.sharding:
+            trial = TrialConfig.from_dict({**trial.to_dict(), "train": {**trial.train.to_dict(), "sharding": sharding}})
         flops = counts.matched_flops_per_token
         tokens = trial.total_steps * trial.train.batch_tokens
         hw = _hardware(spec)
@@ -357,8 +373,24 @@ class Planner:
             router_params=counts.active_router, flops_per_token=flops,
             router_flops_per_token=counts.router_flops_per_token, train_tokens=tokens,
             train_flops=train_flops, est_hours=train_flops / (hw.effective_flops * _devices(spec)) / 3600,
-            hardware=hw.name,
+            hardware=hw.name, sharding=sharding, memory=memory,
         )
+
+    def _memory_plan(self, trial: TrialConfig, point: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """The sharding this trial runs with and its memory estimate per GPU. Raises
+        `Infeasible` with the reason when no allowed sharding fits the sweep's GPU."""
+        r, hw = self.spec.resources, _hardware(self.spec)
+        if "sharding" in (self.spec.base.get("train") or {}) or any("train.sharding" in k for k in self.assignments(point)):
+            raise self._error("train.sharding", "train.sharding is chosen by the planner; set resources.sharding "
+                              "(auto, none or fsdp) instead", point)
+        if hw.memory_bytes is None or r.gpus <= 0:  # CPU trials: host memory, not planned
+            return ("none" if r.sharding == "auto" else r.sharding), None
+        choice = choose_sharding(trial.model, trial.train, workers=r.workers, mode=r.sharding,
+                                 device_bytes=int(hw.memory_bytes * min(1.0, r.gpus)),
+                                 checkpointing=trial.train.activation_checkpointing)
+        if not choice.fits:
+            raise Infeasible(f"{choice.reason} on {hw.name}")
+        return choice.sharding, choice.estimate.to_dict()
 
     def _check_alignment(self, model: dict[str, Any], point: dict[str, Any], context: str) -> None:
         dims = self._build(ModelConfig, model, "model", point, context)

@@ -26,6 +26,10 @@ class ResourcesSpec(StrictConfig):
     cpus: Annotated[float, Field(gt=0)] = 1.0  # per worker
     gpus: Annotated[float, Field(ge=0)] = 0.0  # per worker; fractions share a GPU
     workers: Annotated[int, Field(ge=1)] = 1  # data-parallel workers per trial
+    # How a trial's weights, gradients and optimizer states are spread over its workers: `none`
+    # (DDP: replicated), `fsdp` (FSDP2: sharded) or `auto`, the smallest that the memory plan
+    # says fits the sweep's GPU (moe_core.memory); a trial that fits nowhere is skipped.
+    sharding: Literal["auto", "none", "fsdp"] = "auto"
 
 
 class EarlyStoppingSpec(StrictConfig):

@@ -369,3 +369,67 @@ def test_result_columns_say_how_overflow_was_handled():
     assert (by["drop_1_0"]["capacity_factor"], by["drop_1_0"]["overflow"]) == (1.0, "drop")
     assert (by["default_1_0"]["capacity_factor"], by["default_1_0"]["overflow"]) == (1.0, "default_expert")
     assert "overflow" in TRIALS_SCHEMA
+
+
+# -- memory plan ------------------------------------------------------------------------------
+MEMORY_SWEEP = """\
+name: mem
+method: grid
+resources: {{gpus: 1, workers: {workers}, sharding: {sharding}}}
+base:
+  scale: unipool-182m
+  study: {{layout: unipool, sparsity: 8, granularity: 1}}
+  model: {{moe: {{router: {{scoring: norm}}}}}}
+  train: {{steps: 10, batch_tokens: 8388608, micro_batch_size: 8}}
+parameters:
+  point:
+    variants:
+      small: {{scale: unipool-182m}}
+      big: {{scale: unipool-978m}}
+      huge_batch: {{scale: unipool-182m, train.micro_batch_size: 1024}}
+"""
+
+
+def _memory_plan(tmp_path, workers: int, sharding: str = "auto"):
+    plan = plan_sweep(write(tmp_path, MEMORY_SWEEP.format(workers=workers, sharding=sharding)))
+    return {t.params["point"]: t for t in plan.trials}, {s.params["point"]: s.reason for s in plan.skipped}
+
+
+def test_memory_plan_picks_the_smallest_sharding_that_fits(tmp_path):
+    planned, skipped = _memory_plan(tmp_path, workers=1)
+    assert planned["small"].sharding == "none" and planned["small"].config.train.sharding == "none"
+    assert 0 < planned["small"].memory_per_gpu < 76e9
+    # 5.74B parameters: fp32 weights, gradients and AdamW moments alone are 92 GB.
+    assert skipped["big"].startswith("needs ") and "with 1 worker" in skipped["big"]
+    assert "fits with fsdp over 8" in skipped["big"] and skipped["big"].endswith("on h100")
+    assert "fits nowhere" in skipped["huge_batch"]  # activations are per worker: sharding cannot help
+    planned, skipped = _memory_plan(tmp_path, workers=8)
+    assert planned["small"].sharding == "none"  # fits replicated: DDP stays the default
+    assert planned["big"].sharding == "fsdp" and planned["big"].config.train.sharding == "fsdp"
+    assert planned["big"].memory["sharding"] == "fsdp" and planned["big"].memory_per_gpu < 76e9
+    planned, skipped = _memory_plan(tmp_path, workers=8, sharding="none")
+    assert set(planned) == {"small"} and "with DDP over 8 workers" in skipped["big"]
+
+
+def test_memory_plan_in_json_and_bad_sharding_is_one_line(tmp_path, capsys):
+    path = write(tmp_path, MEMORY_SWEEP.format(workers=8, sharding="auto"))
+    assert main(["plan", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    big = next(t for t in out["trials"] if t["params"]["point"] == "big")
+    assert big["sharding"] == "fsdp" and big["memory"]["total"] > big["memory"]["weights"] > 0
+    assert out["sweeps"][0]["largest_memory_per_gpu"] == big["memory"]["total"]
+    bad = write(tmp_path, MEMORY_SWEEP.format(workers=1, sharding="zero3"), name="bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3.*resources.sharding.*'auto', 'none' or 'fsdp'"):
+        plan_sweep(bad)
+
+
+def test_no_library_trial_is_planned_into_a_setup_that_does_not_fit():
+    from moe_core.memory import usable_bytes
+    from orchestrator.hardware import HARDWARE
+
+    checked = 0
+    for plan in plan_path(SWEEPS):
+        for t in plan.trials if plan.spec.resources.gpus > 0 else ():
+            assert t.memory_per_gpu <= usable_bytes(HARDWARE[t.hardware].memory_bytes), t.trial_id
+            checked += 1
+    assert checked > 2000

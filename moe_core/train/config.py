@@ -39,6 +39,10 @@ class TrainConfig(StrictConfig):
     checkpoint_every: Annotated[int, Field(ge=0)] = 0  # steps; 0 = only at the end
     log_routing_every: Annotated[int, Field(ge=0)] = 10  # steps between routing statistics; 0 = never
     routing_probe: bool = False  # at the end, route each deeper-half MoE layer at random in turn
+    # With several workers: `none` replicates the model (DDP); `fsdp` shards parameters, gradients
+    # and optimizer states over them (FSDP2) and checkpoints with torch.distributed.checkpoint.
+    sharding: Literal["none", "fsdp"] = "none"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     peak_flops: Annotated[float, Field(gt=0)] | None = None  # for MFU; None = known GPU table / measured CPU
