@@ -380,7 +380,7 @@ class Planner:
         """The sharding this trial runs with and its memory estimate per GPU. Raises
         `Infeasible` with the reason when no allowed sharding fits the sweep's GPU."""
         r, hw = self.spec.resources, _hardware(self.spec)
-        if "sharding" in (self.spec.base.get("train") or {}) or any("train.sharding" in k for k in self.assignments(point)):
+        if "sharding" in (self.spec.base.get("train") or {}) or "train.sharding" in self.assignments(point):
             raise self._error("train.sharding", "train.sharding is chosen by the planner; set resources.sharding "
                               "(auto, none or fsdp) instead", point)
         if hw.memory_bytes is None or r.gpus <= 0:  # CPU trials: host memory, not planned

@@ -433,3 +433,9 @@ def test_no_library_trial_is_planned_into_a_setup_that_does_not_fit():
             assert t.memory_per_gpu <= usable_bytes(HARDWARE[t.hardware].memory_bytes), t.trial_id
             checked += 1
     assert checked > 2000
+
+
+def test_train_sharding_is_the_planners_to_choose(tmp_path):
+    path = sweep(tmp_path, base=BASE.replace("micro_batch_size: 8}", "micro_batch_size: 8, sharding: fsdp}"))
+    with pytest.raises(ConfigError, match=r"sweep.yaml:\d+.*train.sharding is chosen by the planner; set resources.sharding"):
+        plan_sweep(path)
