@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moe_core.config import ModelConfig
 from moe_core.errors import ConfigError
@@ -48,8 +50,40 @@ class Block(nn.Module):
         self.attn = Attention(cfg, rotary)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = ffn
+        self.checkpointed = False  # recompute the activations in the backward (`set_activation_checkpointing`)
 
     def forward(self, x_BSD, router: Router | None = None, pool: ExpertPool | PoolWeights | None = None):
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_BSD, router, pool, use_reentrant=False, context_fn=self._rewind_counters)
+        return self._forward(x_BSD, router, pool)
+
+    def _rewind_counters(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """Checkpoint contexts for the forward and its recomputation. A MoE layer counts its loads
+        in its forward: the recomputation starts from the counters the forward started from, so it
+        sees the same global-batch loads (hence the same aux loss), and leaves them as the forward
+        left them, however far it runs (checkpointing stops it once it has what it needs)."""
+        buffers = list(self.ffn.buffers())
+        before: list[torch.Tensor] = []
+
+        @contextmanager
+        def remember():
+            before[:] = [b.clone() for b in buffers]
+            yield
+
+        @contextmanager
+        def rewind():
+            after = [b.clone() for b in buffers]
+            for b, v in zip(buffers, before):
+                b.copy_(v)
+            try:
+                yield
+            finally:
+                for b, v in zip(buffers, after):
+                    b.copy_(v)
+
+        return remember(), rewind()
+
+    def _forward(self, x_BSD, router: Router | None, pool: ExpertPool | PoolWeights | None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoEFFN):
@@ -174,6 +208,12 @@ class MoETransformer(nn.Module):
                 reduce(ffn.step_counts_N)
                 reduce(ffn.step_tokens)
             ffn.finish_step()
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Keep only each block's input for the backward and recompute the rest there
+        (non-reentrant `torch.utils.checkpoint`): the same loss and gradients, less memory."""
+        for block in self.blocks:
+            block.checkpointed = enabled
 
     def set_count_reducer(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Data parallelism: sum the global-batch balance loss's load counts over workers."""

@@ -6,7 +6,8 @@ ends) so that a crash of the driver loses nothing a trial finished. It trains in
 `moe-sweep run` after the driver was killed) resumes from the trainer's last checkpoint. Each
 evaluation is reported to Tune (for search and early stopping) with the checkpoint written at that
 step, if any, as a Tune checkpoint. Trials with several workers run data-parallel through Ray
-Train's `TorchTrainer` (gloo on CPU, nccl on GPU) inside the Tune trial.
+Train's `TorchTrainer` (gloo on CPU, nccl on GPU) inside the Tune trial: DDP, or FSDP2 when the
+trial's `train.sharding` is `fsdp`.
 """
 
 from __future__ import annotations
@@ -145,10 +146,18 @@ def _restore_tune_checkpoint(checkpoint: Any, target: Path) -> None:
             return
         theirs = (src / "latest").read_text().strip()
         ours = (target / "latest").read_text().strip() if (target / "latest").exists() else ""
-        if theirs > ours:  # names are step%08d.pt: string order is step order
+        if theirs > ours:  # names are step%08d[.pt]: string order is step order
             target.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / theirs, target / theirs)
+            _copy_checkpoint(src / theirs, target)
             (target / "latest").write_text(theirs)
+
+
+def _copy_checkpoint(checkpoint: Path, folder: Path) -> None:
+    """A checkpoint file, or a sharded checkpoint's folder (`train.sharding: fsdp`), into `folder`."""
+    if checkpoint.is_dir():
+        shutil.copytree(checkpoint, folder / checkpoint.name, dirs_exist_ok=True)
+    else:
+        shutil.copy2(checkpoint, folder / checkpoint.name)
 
 
 def _report_metrics(tid: str, evals: int, row: dict[str, Any]) -> dict[str, Any]:
@@ -182,16 +191,16 @@ class TuneReporter:
         if self.pending is not None and self.pending.get("step") == step:
             self._report(path)
 
-    def _report(self, checkpoint_file: Path | None) -> None:
+    def _report(self, checkpoint: Path | None) -> None:
         from ray import tune
 
         metrics, self.pending = self.pending, None
-        if checkpoint_file is None:
+        if checkpoint is None:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:  # only the newest checkpoint, not the history
-            shutil.copy2(checkpoint_file, Path(tmp) / checkpoint_file.name)
-            (Path(tmp) / "latest").write_text(checkpoint_file.name)
+            _copy_checkpoint(checkpoint, Path(tmp))
+            (Path(tmp) / "latest").write_text(checkpoint.name)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 

@@ -28,6 +28,17 @@ def experts(n: int, k: int, g: float | str = 1.0) -> dict[str, Any]:
     return {"num_experts": n, "top_k": k, "granularity": g}
 
 
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """A token cache of the built-in corpus with the byte tokenizer, built once per test run."""
+    from moe_core.data.config import DataConfig
+    from moe_core.data.tokens import prepare_tokens
+
+    path = tmp_path_factory.mktemp("cache")
+    prepare_tokens(DataConfig(tokenizer="bytes", cache_dir=str(path)))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -16,20 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from moe_core.data.config import DataConfig
-from moe_core.data.tokens import prepare_tokens
 from orchestrator.results import SweepPaths, read_rows, read_table
 from orchestrator.sweep_runner import RunOptions, run_sweep
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    prepare_tokens(DataConfig(tokenizer="bytes", cache_dir=str(path)))
-    return path
 
 
 def sweep_yaml(tmp_path: Path, cache: Path, parameters: str, name: str = "t", head: str = "", steps: int = 6,

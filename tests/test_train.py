@@ -11,8 +11,6 @@ import torch
 import yaml
 
 from moe_core import ConfigError
-from moe_core.data.config import DataConfig
-from moe_core.data.tokens import prepare_tokens
 from moe_core.train.callbacks import TrainCallback
 from moe_core.train.checkpoint import CheckpointError
 from moe_core.train.config import TrainConfig
@@ -32,13 +30,6 @@ def _trial(cache: Path, **train) -> TrialConfig:
                   "log_routing_every": 2, **train},
         "data": {"tokenizer": "bytes", "cache_dir": str(cache)},
     })
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    prepare_tokens(DataConfig(tokenizer="bytes", cache_dir=str(path)))
-    return path
 
 
 def _losses(out: Path) -> list[float]:

@@ -1,15 +1,36 @@
-"""Atomic checkpoints: written to a temporary file, then renamed, so a crash never leaves a
-half-written one; `latest` names the newest. The two newest are kept."""
+"""Atomic checkpoints: written under a temporary name, then renamed, so a crash never leaves a
+half-written one; `latest` names the newest. The two newest are kept.
+
+Two layouts; `train.sharding` picks one (so one trial's folder never mixes them):
+- `stepNNNNNNNN.pt` (`none`): one file rank 0 writes: model, optimizer and trainer state.
+- `stepNNNNNNNN/` (`fsdp`): a `torch.distributed.checkpoint` folder in which every worker writes
+  its own shards of the model and optimizer (nothing is gathered), plus `trainer.pt` (config,
+  step, metric rows, RNG) from rank 0. It loads at any number of workers, one process without a
+  process group included (for evaluation or export): DCP reshards on load.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+)
+
+from moe_core.train.distributed import DataParallel
 
 FORMAT = "moe-sweep-checkpoint-v1"
+SHARDED_FORMAT = "moe-sweep-sharded-checkpoint-v1"
+TRAINER_FILE = "trainer.pt"  # the trainer state in a sharded checkpoint's folder
 KEEP = 2
 
 
@@ -23,27 +44,89 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
     tmp = directory / f".{path.name}.tmp"
     torch.save({"format": FORMAT, "step": step, **state}, tmp)
     os.replace(tmp, path)
-    pointer = directory / ".latest.tmp"
-    pointer.write_text(path.name)
-    os.replace(pointer, directory / "latest")
-    for old in sorted(directory.glob("step*.pt"))[:-KEEP]:
-        old.unlink()
+    _publish(directory, path)
     return path
 
 
+def save_sharded_checkpoint(
+    directory: Path, step: int, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+    dp: DataParallel,
+) -> Path:
+    """Every worker calls this; `state` (the trainer's, without model and optimizer) is rank 0's."""
+    path = directory / f"step{step:08d}"
+    tmp = directory / f".{path.name}.tmp"
+    if dp.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+    dp.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    with _one_process_quietly():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    if dp.is_main:  # dcp.save returns once every worker's shards and the metadata are written
+        torch.save({"format": SHARDED_FORMAT, "step": step, **state}, tmp / TRAINER_FILE)
+        shutil.rmtree(path, ignore_errors=True)  # an earlier try at this step that never became `latest`
+        os.replace(tmp, path)
+        _publish(directory, path)
+    dp.barrier()  # no worker goes on (or exits) before the checkpoint is in place
+    return path
+
+
+def _publish(directory: Path, path: Path) -> None:
+    """Point `latest` at `path`, then drop all but the newest checkpoints."""
+    pointer = directory / ".latest.tmp"
+    pointer.write_text(path.name)
+    os.replace(pointer, directory / "latest")
+    for old in sorted(directory.glob("step*"))[:-KEEP]:
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
 def load_latest(directory: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The newest checkpoint's state, or None if there is none. Raises `CheckpointError` if it is
-    unreadable or was written by a trial with a different config."""
+    """The newest checkpoint's state (its location under `path`), or None if there is none.
+    Raises `CheckpointError` if it is unreadable or was written by a trial with a different
+    config. Give the state to `restore` for the model and optimizer."""
     pointer = directory / "latest"
     if not pointer.exists():
         return None
     path = directory / pointer.read_text().strip()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path / TRAINER_FILE if path.is_dir() else path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}); delete it to start over") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, SHARDED_FORMAT):
         raise CheckpointError(f"{path}: not a moe-sweep checkpoint")
     if state.get("config") != config:
         raise CheckpointError(f"{path}: written by a trial with a different config; use another --out folder")
-    return state
+    return {**state, "path": path}
+
+
+def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a checkpoint's model (and optimizer) into `model` as it is here: sharded over any
+    number of workers (every worker calls this), or whole in one process."""
+    if state["format"] == FORMAT:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        return
+    if optimizer is None:
+        loaded = {"model": get_model_state_dict(model)}
+        with _one_process_quietly():
+            dcp.load(loaded, checkpoint_id=state["path"])
+        set_model_state_dict(model, loaded["model"])
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    with _one_process_quietly():
+        dcp.load(loaded, checkpoint_id=state["path"])
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+
+
+@contextmanager
+def _one_process_quietly() -> Iterator[None]:
+    """DCP warns at every save and load without a process group, which is how one process uses
+    it here on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

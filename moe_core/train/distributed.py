@@ -3,8 +3,9 @@
 The trainer does not start processes: a launcher (torchrun, Ray Train's TorchTrainer, or a test)
 initialises the process group, and every worker calls `train_trial` with the same trial. Each
 optimizer step's global batch is the same as for one worker (`batches.micro_batches` deals its
-sequences out by rank), gradients are averaged by DDP, and the MoE load counts that steer
-balancing are summed over workers, so W workers reproduce one worker within float tolerance.
+sequences out by rank), gradients are averaged by DDP (or, with `train.sharding: fsdp`, by
+FSDP2: `fsdp.py`), and the MoE load counts that steer balancing are summed over workers, so W
+workers reproduce one worker within float tolerance.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class DataParallel:
         if self.enabled:
             dist.all_reduce(t)
         return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar metrics over workers (for logging)."""

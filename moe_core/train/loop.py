@@ -25,8 +25,9 @@ from moe_core.errors import ConfigError
 from moe_core.model import MoETransformer, build_model
 from moe_core.train.batches import eval_batches, micro_batches
 from moe_core.train.callbacks import TrainCallback
-from moe_core.train.checkpoint import load_latest, save_checkpoint
+from moe_core.train.checkpoint import load_latest, restore, save_checkpoint, save_sharded_checkpoint
 from moe_core.train.distributed import DataParallel
+from moe_core.train.fsdp import plain, shard_model
 from moe_core.train.metrics import peak_flops, routing_columns, write_parquet
 from moe_core.train.schedule import lr_factor
 from moe_core.trial import TrialConfig
@@ -139,12 +140,18 @@ def train_trial(
             f"vocab_size ({trial.model.vocab_size}) is smaller than the tokenizer's vocabulary ({data.vocab_size})",
             path="model.vocab_size",
         )
-    torch.manual_seed(trial.seed)
+    torch.manual_seed(trial.seed)  # the same initial model on every worker
     model = build_model(trial.model).to(device)
-    optimizer = _optimizer(model, trial, device)
+    model.set_activation_checkpointing(trial.train.activation_checkpointing)
     if dp.enabled:
         model.set_count_reducer(dp.sum_)
-    wrapped = dp.wrap(model, device)
+    sharded = trial.train.sharding == "fsdp"  # also picks the checkpoint layout, at any worker count
+    if sharded and dp.enabled:
+        shard_model(model, device, dp)
+        wrapped = model
+    else:
+        wrapped = dp.wrap(model, device)
+    optimizer = _optimizer(model, trial, device)  # after sharding: its parameters are the shards
     step_fn = torch.compile(wrapped) if trial.train.compile else wrapped
     counts = count_params(trial.model)
     total_steps, accum = trial.total_steps, trial.accumulation_steps // dp.world_size
@@ -155,8 +162,7 @@ def train_trial(
     start_step, wall_before = 0, 0.0
     state = load_latest(out / "checkpoints", trial.to_dict())
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        restore(state, model, optimizer)
         torch.set_rng_state(state["rng"])
         rows, start_step, wall_before = state["rows"], state["step"], state["wall_seconds"]
 
@@ -172,15 +178,16 @@ def train_trial(
         batches = micro_batches(data.train, trial.model.seq_len, trial.train.micro_batch_size, accum, trial.seed,
                                 step, dp.rank, dp.world_size)
         for i, (x, y) in enumerate(batches):
-            # DDP averages gradients once per optimizer step, on the last micro-batch.
-            sync = nullcontext() if not dp.enabled or i == accum - 1 else wrapped.no_sync()
+            # DDP averages gradients once per optimizer step, on the last micro-batch (FSDP
+            # reduce-scatters them after every micro-batch: it keeps no unsharded gradients).
+            sync = nullcontext() if wrapped is model or i == accum - 1 else wrapped.no_sync()
             with sync, _autocast(device):
                 result = step_fn(_to_device(x, device), _to_device(y, device))
                 (result.loss / accum).backward()
             for name, value in {"train_loss": result.ce, **result.balance}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / accum
         clip = trial.train.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # no step yet: see below
+        norm = plain(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))  # no step yet: see below
         # The step's one read of device values: the losses and the gradient norm together.
         *values, grad_norm = torch.stack([*sums.values(), norm.float().to(device)]).tolist()
         sums = dp.mean(dict(zip(sums, values)))
@@ -209,15 +216,18 @@ def train_trial(
         for cb in callbacks:
             cb.on_step(step + 1, row, model)
         every = trial.train.checkpoint_every
-        if dp.is_main and (last or (every and (step + 1) % every == 0)):
+        if last or (every and (step + 1) % every == 0):
             wall = wall_before + time.perf_counter() - t_start
-            path = save_checkpoint(out / "checkpoints", step + 1, {
-                "config": trial.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "rows": rows, "wall_seconds": wall,
-            })
-            write_parquet(rows, out / "metrics.parquet")
-            for cb in callbacks:
-                cb.on_checkpoint(step + 1, path)
+            trainer = {"config": trial.to_dict(), "rng": torch.get_rng_state(), "rows": rows, "wall_seconds": wall}
+            if sharded:
+                path = save_sharded_checkpoint(out / "checkpoints", step + 1, trainer, model, optimizer, dp)
+            elif dp.is_main:
+                path = save_checkpoint(out / "checkpoints", step + 1, {
+                    **trainer, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+            if dp.is_main:
+                write_parquet(rows, out / "metrics.parquet")
+                for cb in callbacks:
+                    cb.on_checkpoint(step + 1, path)
 
     wall = wall_before + time.perf_counter() - t_start
     if dp.is_main:
