@@ -10,8 +10,8 @@ Shape legend: T tokens of one micro-batch (micro_batch_size * seq_len), D model 
 N routed experts of a layer, K = sum of the sets' top-k, P = K * T (token, slot) pairs, F width.
 
 Sharding, for `workers` data-parallel workers:
-- `none` (DDP): everything replicated; with more than one worker DDP also keeps its gradient
-  buckets, a second float32 copy of the gradients.
+- `none` (DDP): everything replicated. The trainer's DDP uses `gradient_as_bucket_view`, so its
+  all-reduce buckets are the gradients themselves, not a second copy.
 - `fsdp` (FSDP2 `fully_shard` per decoder block, mixed precision in the compute dtype): weights,
   gradients and optimizer states divided by the workers, plus unsharded compute-dtype parameters
   and gradients of the units being worked on (see `_fsdp_gathered`).
@@ -74,7 +74,7 @@ def trainer_policy(train: TrainConfig) -> DtypePolicy:
     return CPU_POLICY if train.device == "cpu" else CUDA_POLICY
 
 
-TERMS = ("weights", "gradients", "optimizer_states", "compute_weights", "comm_buffers", "activations", "backward_peak")
+TERMS = ("weights", "gradients", "optimizer_states", "compute_weights", "activations", "backward_peak")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,6 @@ class MemoryEstimate:
     gradients: int  # float32 gradients (shard under fsdp)
     optimizer_states: int  # AdamW moments (shard under fsdp)
     compute_weights: int  # compute-dtype weight copies held through forward and backward
-    comm_buffers: int  # DDP gradient buckets
     activations: int  # tensors saved for backward in one micro-batch, logits included
     backward_peak: int  # the backward's largest working set on top of the saved activations
     sharding: Sharding
@@ -282,13 +281,11 @@ def estimate_memory(
         compute_weights = _fsdp_gathered(model, p)
     else:
         compute_weights = p.compute_bytes * _cast_params(model) if p.autocast else 0
-    ddp = sharding == "none" and workers > 1
     return MemoryEstimate(
         weights=p.param_bytes * shard,
         gradients=p.grad_bytes * shard,
         optimizer_states=p.optimizer_bytes * shard,
         compute_weights=compute_weights,
-        comm_buffers=p.grad_bytes * params if ddp else 0,
         activations=activation_bytes(model, train.micro_batch_size, p, checkpointing),
         backward_peak=_backward_peak(model, train.micro_batch_size * model.seq_len, p, sharding),
         sharding=sharding,

@@ -68,10 +68,11 @@ class DataParallel:
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """DDP without buffer broadcasts: MoE layers keep per-worker load counters (summed
-        explicitly) that a broadcast from rank 0 would overwrite."""
+        explicitly) that a broadcast from rank 0 would overwrite. Gradients are views into DDP's
+        all-reduce buckets, so DDP holds no second copy of them (moe_core/memory.py)."""
         if not self.enabled:
             return model
         ids = [device.index] if device.type == "cuda" else None
         with warnings.catch_warnings():  # broadcast_buffers=False is still the way to skip init sync
             warnings.simplefilter("ignore", FutureWarning)
-            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
