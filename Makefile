@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel on CPU machines; on a GPU box pass e.g. TORCH="torch==2.13.0" from a CUDA index.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup quickstart demo test bench
+.PHONY: setup quickstart demo test test-slow bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,8 +20,13 @@ quickstart: setup
 demo: setup
 	$(VENV)/bin/moe-sweep demo
 
+# The suite without the tests marked slow (multi-process training, Ray sweeps, compile); CI
+# runs both targets.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 bench: setup
 	$(PY) bench/moe_layer.py
