@@ -5,6 +5,7 @@ sharded two-worker trial."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,12 @@ def _worker(rank: int, world: int, init: str, trial: dict[str, Any], out: str, s
         train_trial(TrialConfig.from_dict(trial), out, callbacks=[StopAt(stop_at)] if stop_at else [])
     except Stop:
         pass
-    finally:
-        dist.destroy_process_group()
+    # Both workers past their last collective before either tears gloo down, and no interpreter
+    # finalisation after it: a worker aborted there once in CI ("terminate called without an
+    # active exception", a C++ thread destroyed at exit) after its outputs were written.
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 def train_two_workers(trial: TrialConfig, out: Path, stop_at: int | None = None) -> None:
