@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.findings import Finding, all_findings  # noqa: E402
+from moe_core.files import write_text  # noqa: E402
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -101,12 +102,5 @@ def write_report(trials: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path,
         + "".join(sections) + "</body></html>"
     )
     path = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(path)
+    write_text(path, page)
     return path
-
-
-def verdict_table(trials: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
-    """finding, verdict, evidence: the report's summary as a DataFrame."""
-    return pd.DataFrame([{"finding": f.title, "verdict": f.verdict, "evidence": f.summary} for f in all_findings(trials, steps)])

@@ -86,16 +86,6 @@ def mean_by(group: pd.DataFrame, by: list[str] | str) -> pd.Series:
     return group.groupby(by, dropna=False)["val_loss"].mean()
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Rank correlation (ties averaged); NaN for fewer than 3 points."""
-    if len(x) < 3:
-        return float("nan")
-    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
 def difference_se(noise: float, n: int) -> float:
     """Standard error of a difference of two means of `n` seeds each, for a per-seed `noise`."""
     return noise * math.sqrt(2 / max(n, 1))

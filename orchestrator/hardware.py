@@ -1,7 +1,7 @@
 """What the planner assumes about hardware when it estimates run times and memory.
 
-Estimates are training FLOPs / (devices * peak FLOP/s * MFU). GPU peaks are dense bf16 tensor-core
-figures from the vendors' data sheets; the MFU is a typical value for small MoE models, not a
+Estimates are training FLOPs / (devices * peak FLOP/s * MFU). GPU peaks are the trainer's table
+(`moe_core.devices`: dense bf16 tensor-core figures from the vendors' data sheets); the MFU is a typical value for small MoE models, not a
 promise. The CPU entry is per core and already effective (MFU folded in): the trainer ran a
 4-layer d = 256 MoE at about 4,050 tokens/s x 23.7 MFLOP/token, about 48 GFLOP/s per core, on the
 2-core development machine (`moe-sweep train configs/micro_moe.yaml`).
@@ -17,6 +17,8 @@ live in host memory, and the planner cannot see the memory of the machines Ray w
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from moe_core.devices import GPU_PEAK_FLOPS
 
 MIB = 1 << 20
 
@@ -38,9 +40,9 @@ HARDWARE: dict[str, Hardware] = {
     h.name: h
     for h in (
         Hardware("cpu", 48e9, 1.0, "CPU core"),
-        Hardware("a100", 312e12, 0.35, "GPU", 40960 * MIB),
-        Hardware("a100-80gb", 312e12, 0.35, "GPU", 81920 * MIB),
-        Hardware("h100", 989e12, 0.35, "GPU", 81559 * MIB),
-        Hardware("h200", 989e12, 0.35, "GPU", 143771 * MIB),
+        Hardware("a100", GPU_PEAK_FLOPS["A100"], 0.35, "GPU", 40960 * MIB),
+        Hardware("a100-80gb", GPU_PEAK_FLOPS["A100"], 0.35, "GPU", 81920 * MIB),
+        Hardware("h100", GPU_PEAK_FLOPS["H100"], 0.35, "GPU", 81559 * MIB),
+        Hardware("h200", GPU_PEAK_FLOPS["H200"], 0.35, "GPU", 143771 * MIB),
     )
 }

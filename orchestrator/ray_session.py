@@ -18,6 +18,8 @@ from pathlib import Path
 
 import psutil
 
+from moe_core.files import write_json
+
 
 @dataclass
 class RaySession:
@@ -63,9 +65,7 @@ def _record_children(pid_file: Path) -> None:
             entries.append({"pid": child.pid, "create_time": child.create_time(), "name": child.name()})
         except psutil.NoSuchProcess:
             continue
-    tmp = pid_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries))
-    os.replace(tmp, pid_file)
+    write_json(pid_file, entries)
 
 
 def start_ray(address: str | None, num_cpus: float | None, pid_file: Path, dashboard: bool = True) -> RaySession:

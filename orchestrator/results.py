@@ -14,8 +14,6 @@ latest write wins. Read a table with `read_table(runs, "trials")`, DuckDB
 from __future__ import annotations
 
 import json
-import math
-import os
 import socket
 import time
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from moe_core.files import write_parquet
 
 # Trial states. Terminal ones are never re-run by a resumed sweep; `failed` trials are retried
 # (from their last checkpoint) by the next `moe-sweep run`.
@@ -172,27 +172,7 @@ def finished_row(meta: dict[str, Any], summary: dict[str, Any], status: str, err
 
 def write_row(path: Path, row: dict[str, Any]) -> None:
     """One trials-table row as a Parquet file, atomically (temporary file, then rename)."""
-    write_rows(path, [row], TRIALS_SCHEMA)
-
-
-def write_rows(path: Path, rows: list[dict[str, Any]], schema: dict[str, pa.DataType] | None = None) -> None:
-    """Rows as one Parquet file, atomically. Columns in `schema` get its types (and are written
-    even when absent); others are inferred, a column of nulls only becoming a string column."""
-    schema = schema or {}
-    columns = list(dict.fromkeys([*schema, *(k for r in rows for k in r)]))
-    arrays = {}
-    for c in columns:
-        values = [_finite(r.get(c)) for r in rows]
-        arrays[c] = pa.array(values, type=schema.get(c) or (_S if all(v is None for v in values) else None))
-    table = pa.table(arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else value
+    write_parquet(path, [row], TRIALS_SCHEMA)
 
 
 def read_rows_of(file: Path) -> list[dict[str, Any]]:

@@ -67,11 +67,3 @@ _SCALES = [
 ]
 
 SCALES: dict[str, Scale] = {s.name: s for s in _SCALES}
-
-
-def get_scale(name: str) -> Scale:
-    """The scale called `name`; `KeyError` listing the known names otherwise."""
-    try:
-        return SCALES[name]
-    except KeyError:
-        raise KeyError(f"unknown scale '{name}'; known: {', '.join(SCALES)}") from None

@@ -53,21 +53,19 @@ def optuna_searcher(spec: SweepSpec, paths: SweepPaths) -> tuple[Any, int]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{paths.optuna}")
     metrics = spec.metrics
-    directions = ["minimize" if m.goal == "minimize" else "maximize" for m in metrics]
     study = optuna.create_study(storage=storage, study_name=spec.name, load_if_exists=True,
-                                directions=directions, sampler=_sampler(spec))
+                                directions=[m.goal for m in metrics], sampler=_sampler(spec))
     done, again = 0, []
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             done += 1
-        elif t.state in (TrialState.RUNNING, TrialState.WAITING):
-            if t.params:
-                again.append(dict(t.params))
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        elif t.state == TrialState.RUNNING:  # WAITING (enqueued, never asked) ones are asked in turn
+            again.append(dict(t.params))
+            study.tell(t.number, state=TrialState.FAIL)
     multi = len(metrics) > 1
     searcher = OptunaSearch(
         metric=[m.name for m in metrics] if multi else metrics[0].name,
-        mode=["min" if m.goal == "minimize" else "max" for m in metrics] if multi else ("min" if metrics[0].goal == "minimize" else "max"),
+        mode=[m.mode for m in metrics] if multi else metrics[0].mode,
         sampler=_sampler(spec), study_name=spec.name, storage=storage,
         points_to_evaluate=again or None,
     )

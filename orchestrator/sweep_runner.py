@@ -10,7 +10,6 @@ still missing. `--restart` deletes the sweep's folder and starts over.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from ray.tune import Callback
 from rich.console import Console
 
 from moe_core.errors import ConfigError
+from moe_core.files import write_json
 from orchestrator.live_view import LiveView
 from orchestrator.mlflow_sync import MLflowSync, default_uri
 from orchestrator.planner import Plan, SweepFile, plan_sweep
@@ -95,12 +95,6 @@ def _trial_id(trial: Any) -> str | None:
     return (trial.config or {}).get("trial_id") or (trial.last_result or {}).get("moe_trial_id")
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def _error_of(trial: Any) -> str:
     path = getattr(trial, "error_file", None) or ""
     try:
@@ -136,7 +130,7 @@ def run_sweep(path: str | Path, options: RunOptions, console: Console | None = N
             console.print(f"stopped {cleaned} Ray processes left by a previous driver of this sweep")
         _prepare_folder(paths, sweep, options.restart)
         finished = sum(r["status"] in TERMINAL for r in trial_states(paths).values())
-        _write_json(paths.driver, {"pid": os.getpid(), "started": time.time(), "planned": plan.planned_trials,
+        write_json(paths.driver, {"pid": os.getpid(), "started": time.time(), "planned": plan.planned_trials,
                                    "finished_before": finished})
         return _run(plan, sweep, paths, options, console)
     finally:
@@ -193,7 +187,7 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
         trainable = tune.with_resources(trainable, trial_resources)
 
         metric = spec.metrics[0]
-        mode = "min" if metric.goal == "minimize" else "max"
+        mode = metric.mode
         scheduler = None
         if spec.early_stopping:
             from ray.tune.schedulers import ASHAScheduler
@@ -217,7 +211,7 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
             # Tune's configs carry only trial ids (its experiment state is saved often, and grows
             # with config size); each trial reads its resolved plan from runs/<sweep>/plan/.
             for t in pending:
-                _write_json(paths.plan / f"{t.trial_id}.json", trial_meta(t, spec.method))
+                write_json(paths.plan / f"{t.trial_id}.json", trial_meta(t, spec.method))
             param_space = {"trial_id": tune.grid_search([t.trial_id for t in pending])}
             tune_config = tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
                                           trial_name_creator=lambda t: t.config["trial_id"],

@@ -19,7 +19,12 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=
 
 class MetricSpec(StrictConfig):
     name: str = "val_loss"  # a column of the steps table reported at evaluations
-    goal: Literal["minimize", "maximize"] = "minimize"
+    goal: Literal["minimize", "maximize"] = "minimize"  # also Optuna's name for the direction
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        """Ray Tune's name for the goal."""
+        return "min" if self.goal == "minimize" else "max"
 
 
 class ResourcesSpec(StrictConfig):

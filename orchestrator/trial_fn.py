@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.results import FAILED, INFEASIBLE, RUNNING, SweepPaths, base_row, finished_row, write_row, write_rows
+from moe_core.files import write_parquet
+from orchestrator.results import FAILED, INFEASIBLE, RUNNING, SweepPaths, base_row, finished_row, write_row
 
 # Keys of the trainer's step rows that are reported to Tune (names with '/' are per-set or
 # per-layer detail: they go to the steps table only).
@@ -132,7 +133,7 @@ def _write_steps(paths: SweepPaths, tid: str, out: Path) -> None:
     if not metrics.exists():
         return
     rows = pq.read_table(metrics).to_pylist()
-    write_rows(paths.steps / f"{tid}.parquet", [{"trial_id": tid, **r} for r in rows])
+    write_parquet(paths.steps / f"{tid}.parquet", [{"trial_id": tid, **r} for r in rows])
 
 
 def _restore_tune_checkpoint(checkpoint: Any, target: Path) -> None:

@@ -17,7 +17,8 @@ from analysis.findings import CONTRADICTED, INCONCLUSIVE, REPRODUCED, all_findin
 from analysis.report import write_report
 from analysis.synthetic import synthetic_trials
 from orchestrator.cli import main
-from orchestrator.results import write_row, write_rows
+from moe_core.files import write_parquet
+from orchestrator.results import write_row
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -29,7 +30,7 @@ def write_runs(runs: Path, trials: pd.DataFrame, steps: pd.DataFrame) -> None:
         write_row(runs / row["sweep"] / "tables" / "trials" / f"{row['trial_id']}.parquet", row)
     for tid, g in steps.groupby("trial_id"):
         sweep = tid.rsplit("-", 1)[0]
-        write_rows(runs / sweep / "tables" / "steps" / f"{tid}.parquet", g.to_dict("records"))
+        write_parquet(runs / sweep / "tables" / "steps" / f"{tid}.parquet", g.to_dict("records"))
 
 
 @pytest.fixture(scope="module")

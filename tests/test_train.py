@@ -64,7 +64,7 @@ def test_schedules_warm_up_then_end_at_their_floor(schedule):
 
 def test_same_seed_gives_the_same_losses_and_all_outputs(cache, tmp_path):
     a = train_trial(_trial(cache), tmp_path / "a")
-    b = train_trial(_trial(cache), tmp_path / "b")
+    train_trial(_trial(cache), tmp_path / "b")
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     assert a.status == "completed" and a.steps == 6 and a.tokens == 6 * 256
     for name in ("config.yaml", "metrics.parquet", "summary.json"):

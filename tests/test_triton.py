@@ -213,7 +213,7 @@ def _magnitudes(bank, x, gates, d, dy):
     scale its rounding errors are relative to (the sum of the magnitudes of its terms).
     y: sum over slots of |a| @ |w2|; dx: sum over slots of |dh13| @ |w13|^T; gates: sum_f
     |dA * act|; dw13: |x rows|^T @ |dh13|; dw2: |a|^T @ |dy rows|."""
-    T, E, width = x.shape[0], bank.num_experts, bank.width
+    T, width = x.shape[0], bank.width
     w13, w2 = bank.w13_EDF2.detach().double(), bank.w2_EFD.detach().double()
     x_P, dy_P = x.detach().double()[d.token_P], dy.double()[d.token_P]
     gate_P = d.pair_gates(gates.detach().double())

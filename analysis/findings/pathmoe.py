@@ -13,7 +13,6 @@ from analysis.findings.routing_probe import probe_seed_noise
 from analysis.findings.verdicts import (
     CONTRADICTED, INCONCLUSIVE, NOT_TESTED, REPRODUCED, Check, Finding, fmt, judge, sign_rule, signed_list,
 )
-from analysis.stats import spearman
 
 # PathMoE's headline: routers shared by B = 4 layers without aux loss vs independent ones with 0.01.
 PATHMOE_MAIN_BLOCK, PATHMOE_BASELINE_AUX = 4, 0.01
@@ -81,7 +80,8 @@ def _overlap_check(table: pd.DataFrame) -> Check:
         return Check(claim, NOT_TESTED, detail="no routing/jaccard in the steps table", required=False)
     up, down = all(d > 0 for _, d in jac), bool(ent) and all(d < 0 for _, d in ent)
     verdict = REPRODUCED if up and down else CONTRADICTED if all(d < 0 for _, d in jac) else INCONCLUSIVE
-    rho = [spearman(g["B"].to_numpy(), g["jaccard"].to_numpy()) for _, g in table.groupby("group")]
+    # rank correlation, ties averaged; NaN under 3 points or a constant column
+    rho = [g[["B", "jaccard"]].corr(method="spearman", min_periods=3).iloc[0, 1] for _, g in table.groupby("group")]
     return Check(claim, verdict, float(np.mean([d for _, d in jac])),
                  "overlap (routing/jaccard, last logged) minus B = 1's: "
                  + ", ".join(f"{_block_label(r)} {d:+.3f}" for r, d in jac)

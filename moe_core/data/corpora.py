@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from moe_core.data.cache import cache_root
 from moe_core.data.config import DataConfig
 from moe_core.errors import ConfigError
 
@@ -110,8 +111,6 @@ def file_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
 
 
 def debian_docs_dir(cfg: DataConfig) -> Path:
-    from moe_core.data.tokens import cache_root
-
     return cache_root(cfg) / "corpora" / "debian_docs"
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from moe_core.errors import ConfigError
+from moe_core.files import atomic_path
 
 PYTHON_DOCS = "/usr/share/doc/python3.*/html/_sources/**/*.rst.txt"
 PERL_DOCS = "/usr/share/perl/5.*/pod/*.pod"
@@ -62,16 +62,13 @@ def build_debian_docs(out_dir: Path, source_iters: dict[str, Iterator[tuple[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for name, docs in (source_iters or sources()).items():
-        tmp = out_dir / f".{name}.jsonl.tmp"
         n = 0
-        with tmp.open("w") as f:
+        with atomic_path(out_dir / f"{name}.jsonl") as tmp, tmp.open("w") as f:
             for path, text in docs:
                 if text.strip():
                     f.write(json.dumps({"text": text, "path": path}) + "\n")
                     n += 1
-        if n == 0:
-            tmp.unlink()
-            raise ConfigError(f"no documents found for {name}; install them first: {APT_HINT}", where="build-corpus")
-        os.replace(tmp, out_dir / f"{name}.jsonl")
+            if n == 0:  # raising inside leaves no file behind
+                raise ConfigError(f"no documents found for {name}; install them first: {APT_HINT}", where="build-corpus")
         counts[name] = n
     return counts

@@ -13,6 +13,8 @@ from typing import Protocol
 
 from filelock import FileLock
 
+from moe_core.files import atomic_path
+
 EOS = "<|endoftext|>"
 
 
@@ -71,9 +73,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    tmp = path.with_suffix(".tmp")
-    tok.save(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tok.save(str(tmp))
 
 
 def gpt2_tokenizer() -> BPETokenizer:

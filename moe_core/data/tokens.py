@@ -12,13 +12,14 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from moe_core.data.cache import cache_root
 from moe_core.data.config import DataConfig
 from moe_core.data.corpora import documents, fingerprint
 from moe_core.data.tokenizers import ByteTokenizer, Tokenizer, bpe_tokenizer, gpt2_tokenizer
@@ -39,11 +40,6 @@ class TokenData:
         return self.tokenizer.vocab_size
 
 
-def cache_root(cfg: DataConfig) -> Path:
-    root = cfg.cache_dir or os.environ.get("MOE_SWEEP_CACHE") or Path.home() / ".cache" / "moe-sweep"
-    return Path(root).expanduser().resolve()
-
-
 def _tokenizer(cfg: DataConfig, fp: str, root: Path) -> Tokenizer:
     if cfg.tokenizer == "bytes":
         return ByteTokenizer()
@@ -53,7 +49,11 @@ def _tokenizer(cfg: DataConfig, fp: str, root: Path) -> Tokenizer:
     return bpe_tokenizer(train_texts, cfg.bpe_vocab_size, fp, root)
 
 
-def _build(cfg: DataConfig, tok: Tokenizer, fp: str, final: Path) -> None:
+# Told the tokens written so far while a cache is built (a front end shows progress with it).
+Progress = Callable[[int], None]
+
+
+def _build(cfg: DataConfig, tok: Tokenizer, fp: str, final: Path, progress: Progress | None) -> None:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -70,17 +70,15 @@ def _build(cfg: DataConfig, tok: Tokenizer, fp: str, final: Path) -> None:
             counts[split] += arr.size
             docs[split] += 1
 
-    with Progress(SpinnerColumn(), TextColumn("tokenising {task.description}: {task.completed:,} tokens"),
-                  TimeElapsedColumn(), transient=True) as progress:
-        task = progress.add_task(cfg.source, total=None)
-        batch: list[tuple[str, str]] = []
-        for doc in documents(cfg):
-            batch.append(doc)
-            if len(batch) == BATCH_DOCS:
-                flush(batch)
-                batch = []
-                progress.update(task, completed=sum(counts.values()))
-        flush(batch)
+    batch: list[tuple[str, str]] = []
+    for doc in documents(cfg):
+        batch.append(doc)
+        if len(batch) == BATCH_DOCS:
+            flush(batch)
+            batch = []
+            if progress:
+                progress(sum(counts.values()))
+    flush(batch)
     for f in files.values():
         f.close()
     if "train" not in counts or len(counts) < 2:
@@ -94,8 +92,9 @@ def _build(cfg: DataConfig, tok: Tokenizer, fp: str, final: Path) -> None:
     tmp.rename(final)
 
 
-def prepare_tokens(cfg: DataConfig) -> TokenData:
-    """Tokenise the corpus into the cache if it is not there yet, then memory-map it."""
+def prepare_tokens(cfg: DataConfig, progress: Progress | None = None) -> TokenData:
+    """Tokenise the corpus into the cache if it is not there yet (telling `progress` the tokens
+    written so far), then memory-map it."""
     root = cache_root(cfg)
     fp = fingerprint(cfg)
     tok = _tokenizer(cfg, fp, root)
@@ -104,7 +103,7 @@ def prepare_tokens(cfg: DataConfig) -> TokenData:
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if not (final / "manifest.json").exists():
-            _build(cfg, tok, fp, final)
+            _build(cfg, tok, fp, final, progress)
     manifest = json.loads((final / "manifest.json").read_text())
     maps = {split: np.memmap(final / f"{split}.bin", dtype=manifest["dtype"], mode="r") for split in manifest["tokens"]}
     train = maps.pop("train")

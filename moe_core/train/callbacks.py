@@ -12,6 +12,9 @@ from torch import nn
 class TrainCallback:
     """Override what you need; every hook is a no-op by default."""
 
+    def on_tokenising(self, source: str, tokens: int) -> None:
+        """While the corpus is tokenised into the cache (first use only): tokens written so far."""
+
     def on_step(self, step: int, row: dict[str, Any], model: nn.Module) -> None:
         """After each optimizer step, with that step's metrics row."""
 

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
+from moe_core.files import atomic_path, write_text
 from moe_core.train.distributed import DataParallel
 
 FORMAT = "moe-sweep-checkpoint-v1"
@@ -41,9 +42,8 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step{step:08d}.pt"
-    tmp = directory / f".{path.name}.tmp"
-    torch.save({"format": FORMAT, "step": step, **state}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "step": step, **state}, tmp)
     _publish(directory, path)
     return path
 
@@ -73,9 +73,7 @@ def save_sharded_checkpoint(
 
 def _publish(directory: Path, path: Path) -> None:
     """Point `latest` at `path`, then drop all but the newest checkpoints."""
-    pointer = directory / ".latest.tmp"
-    pointer.write_text(path.name)
-    os.replace(pointer, directory / "latest")
+    write_text(directory / "latest", path.name)
     for old in sorted(directory.glob("step*"))[:-KEEP]:
         if old.is_dir():
             shutil.rmtree(old)

@@ -7,9 +7,7 @@ resumes from the latest checkpoint and reproduces, bit for bit on CPU, the unint
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,13 +20,14 @@ import yaml
 from moe_core.accounting import count_params
 from moe_core.data.tokens import TokenData, prepare_tokens
 from moe_core.errors import ConfigError
+from moe_core.files import write_json, write_parquet, write_text
 from moe_core.model import MoETransformer, build_model
 from moe_core.train.batches import eval_batches, micro_batches
 from moe_core.train.callbacks import TrainCallback
 from moe_core.train.checkpoint import load_latest, restore, save_checkpoint, save_sharded_checkpoint
 from moe_core.train.distributed import DataParallel
 from moe_core.train.fsdp import plain, shard_model
-from moe_core.train.metrics import peak_flops, routing_columns, write_parquet
+from moe_core.train.metrics import peak_flops, routing_columns
 from moe_core.train.schedule import lr_factor
 from moe_core.trial import TrialConfig
 
@@ -130,11 +129,11 @@ def train_trial(
         )
     if dp.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(trial.to_dict(), sort_keys=False))
+        write_text(out / "config.yaml", yaml.safe_dump(trial.to_dict(), sort_keys=False))
     device = _device(trial.train.device)
     if device.type == "cuda" and dp.enabled:
         device = torch.device("cuda", torch.cuda.current_device())
-    data = data or prepare_tokens(trial.data)
+    data = data or prepare_tokens(trial.data, lambda n: [cb.on_tokenising(trial.data.source, n) for cb in callbacks])
     if trial.model.vocab_size < data.vocab_size:
         raise ConfigError(
             f"vocab_size ({trial.model.vocab_size}) is smaller than the tokenizer's vocabulary ({data.vocab_size})",
@@ -225,13 +224,13 @@ def train_trial(
                 path = save_checkpoint(out / "checkpoints", step + 1, {
                     **trainer, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
             if dp.is_main:
-                write_parquet(rows, out / "metrics.parquet")
+                write_parquet(out / "metrics.parquet", rows)
                 for cb in callbacks:
                     cb.on_checkpoint(step + 1, path)
 
     wall = wall_before + time.perf_counter() - t_start
     if dp.is_main:
-        write_parquet(rows, out / "metrics.parquet")
+        write_parquet(out / "metrics.parquet", rows)
     steps_done = rows[-1]["step"] if rows else 0
     if status == "completed" and not val:  # resumed after the final step: evaluate once more
         val = evaluate(model, data, trial, device)
@@ -253,7 +252,5 @@ def train_trial(
         routing_probe=routing_probe(model, data, trial, device) if trial.train.routing_probe and status == "completed" else {},
     )
     if dp.is_main:
-        tmp = out / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary.to_dict(), indent=1))
-        os.replace(tmp, out / "summary.json")
+        write_json(out / "summary.json", summary.to_dict(), indent=1)
     return summary

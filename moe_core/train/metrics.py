@@ -1,28 +1,14 @@
-"""Per-step metrics rows, written as Parquet atomically; throughput and MFU."""
+"""Per-step metrics: routing columns; throughput and MFU."""
 
 from __future__ import annotations
 
 import functools
-import os
 import time
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-# Dense bf16 tensor-core peak FLOP/s by device-name fragment (vendor data sheets, no sparsity).
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-
-
-def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
-    """Rows to Parquet (columns: the union of all rows' keys, missing values null), atomically."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    table = pa.table({c: [row.get(c) for row in rows] for c in columns})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+from moe_core.devices import gpu_peak_flops
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,11 +28,8 @@ def peak_flops(device: torch.device, configured: float | None) -> float:
     if configured:
         return configured
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value
-        return float("nan")
+        peak = gpu_peak_flops(torch.cuda.get_device_name(device))
+        return peak if peak is not None else float("nan")
     return measured_cpu_flops()
 
 

@@ -1,0 +1,60 @@
+"""Files written atomically: a reader (a resumed trial, `status`, a query) sees the old file or
+the new one, never half of one. Everything the project writes goes through here.
+
+Imports no torch, so `analysis` and the orchestrator's driver can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; on success it replaces `path` in one rename,
+    on error it is removed. The name carries the PID, so two processes never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any, indent: int | None = None) -> None:
+    write_text(path, json.dumps(data, indent=indent))
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]], schema: dict[str, pa.DataType] | None = None) -> None:
+    """Rows as one Parquet file. Columns are the union of the rows' keys (missing values null);
+    those in `schema` get its types and are written even when absent. A column of nulls only
+    becomes a string column, so tables of many files concatenate. NaN floats are stored as null."""
+    schema = schema or {}
+    columns = list(dict.fromkeys([*schema, *(k for r in rows for k in r)]))
+    arrays = {}
+    for c in columns:
+        values = [_null_nan(r.get(c)) for r in rows]
+        arrays[c] = pa.array(values, type=schema.get(c) or (pa.string() if all(v is None for v in values) else None))
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(arrays), tmp)
+
+
+def _null_nan(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
