@@ -7,9 +7,13 @@ TORCH ?= torch==2.13.0
 .PHONY: setup quickstart demo test test-slow bench
 
 $(VENV)/.installed: pyproject.toml
+	@echo "set-up: a virtual environment in $(VENV), then $(TORCH) and the project's dependencies (Ray, MLflow,"
+	@echo "Optuna, DuckDB...); a few minutes on a fresh machine, once"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
+	@echo "set-up: torch installed; now the project and its dependencies"
 	$(PY) -m pip install -q -e ".[dev]"
+	@echo "set-up: done"
 	touch $@
 
 setup: $(VENV)/.installed

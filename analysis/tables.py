@@ -53,16 +53,37 @@ def connect(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None)
     return con
 
 
+# Statement kinds a query may run: reads only (SELECT covers WITH, DESCRIBE, SHOW and SUMMARIZE).
+_READS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
 def query(sql: str, runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> pd.DataFrame:
-    """Run DuckDB SQL over the views `trials` and `steps`; a pandas DataFrame."""
+    """Run read-only DuckDB SQL over the tables `trials` and `steps`; a pandas DataFrame. A write
+    (DROP, INSERT, COPY, ATTACH, SET...) is refused: the tables are copies, and saying "Success"
+    to a write that changes nothing on disk would mislead."""
     con = connect(runs_dir, sweep)
     try:
+        writes = [s.type.name for s in con.extract_statements(sql) if s.type not in _READS]
+        if writes:
+            raise AnalysisError(f"queries are read-only (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); got {writes[0]}")
+        con.execute("set enable_external_access = false")  # nor read or write other files
         return con.execute(sql).df()
     except duckdb.Error as err:
-        first = str(err).strip().splitlines()[0]
-        raise AnalysisError(f"SQL error: {first}") from None
+        raise AnalysisError(f"SQL error: {_one_line(err)}") from None
     finally:
         con.close()
+
+
+def _one_line(err: duckdb.Error) -> str:
+    """DuckDB's message with its hints ("Candidate bindings: ...") but without the caret picture
+    of the query that follows them."""
+    lines = []
+    for line in str(err).strip().splitlines():
+        if line.startswith("LINE "):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return "; ".join(lines)
 
 
 def load_trials(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> pd.DataFrame:

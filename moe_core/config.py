@@ -34,13 +34,14 @@ def _parse_fraction(value: Any) -> Any:
 Granularity = Annotated[float, BeforeValidator(_parse_fraction), Field(gt=0, le=1)]
 UnitFraction = Granularity  # any share in (0, 1], written as 0.25 or "1/4"
 PositiveInt = Annotated[int, Field(ge=1)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+LossWeight = Annotated[float, Field(ge=0, le=1)]
 
 
 class StrictConfig(BaseModel):
     """Base of every config: frozen, no unknown keys, errors as one-line `ConfigError`s."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `lr: .inf` or `nan` in a YAML is a mistake, never a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -112,7 +113,7 @@ class RouterConfig(StrictConfig):
     scoring: Literal["softmax", "sigmoid", "norm"] = "softmax"
     renormalize: bool = False  # divide the chosen gates by their sum (Mixtral style)
     block_size: PositiveInt = 1  # PathMoE: MoE layer i uses router i // block_size
-    norm_eps: Annotated[float, Field(gt=0)] = 1e-6
+    norm_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-6
 
     @model_validator(mode="after")
     def _check(self) -> "RouterConfig":
@@ -124,11 +125,12 @@ class RouterConfig(StrictConfig):
 class BalanceConfig(StrictConfig):
     """Load-balancing terms; every weight may be 0. Defaults follow the OLMoE recipe."""
 
-    aux_weight: NonNegFloat = 0.01  # Switch loss alpha
+    # Weights and rates are at most 1: the papers' are 1e-4..1e-1; larger is a typo, not a setting.
+    aux_weight: LossWeight = 0.01  # Switch loss alpha
     aux_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
-    pool_weight: NonNegFloat = 0.0  # UniPool pool-level loss alpha_pool
-    z_weight: NonNegFloat = 0.001  # ST-MoE router z-loss
-    bias_rate: NonNegFloat = 0.0  # loss-free balancing update rate u (DeepSeek-V3)
+    pool_weight: LossWeight = 0.0  # UniPool pool-level loss alpha_pool
+    z_weight: LossWeight = 0.001  # ST-MoE router z-loss
+    bias_rate: LossWeight = 0.0  # loss-free balancing update rate u (DeepSeek-V3)
 
 
 class MoEConfig(StrictConfig):
@@ -217,8 +219,8 @@ class ModelConfig(StrictConfig):
     seq_len: PositiveInt = 1024
     rope_base: Annotated[float, Field(gt=1)] = 10000.0
     tie_embeddings: bool = False
-    init_std: Annotated[float, Field(gt=0)] = 0.02
-    norm_eps: Annotated[float, Field(gt=0)] = 1e-5
+    init_std: Annotated[float, Field(gt=0, le=1)] = 0.02
+    norm_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     moe: MoEConfig = MoEConfig()
 
     @model_validator(mode="after")

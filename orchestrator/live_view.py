@@ -22,6 +22,14 @@ class LiveView:
         self.latest: dict[str, dict[str, Any]] = {}  # trial id -> last reported metrics
         self.best: tuple[float, str] | None = None
         self.live: Live | None = None
+        self.labels: dict[str, str] = {}  # trial id -> its swept values, e.g. "arch=moe_g1, seed=0"
+
+    def label(self, trial_id: str, params: dict[str, Any], seed: int | None = None) -> None:
+        """Show `trial_id` by what it varies (hash ids alone say nothing to a reader)."""
+        self.labels[trial_id] = trial_label(params, seed)
+
+    def _name(self, trial_id: str) -> str:
+        return f"{self.labels[trial_id]} ({trial_id})" if trial_id in self.labels else trial_id
 
     def __enter__(self) -> "LiveView":
         if self.console.is_terminal:
@@ -52,7 +60,7 @@ class LiveView:
         if not self.live:
             metric = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) else ""
             done = sum(s != "running" for s in self.states.values())
-            self.console.print(f"[{done}/{self.total}] {trial_id} {state} {metric}".rstrip())
+            self.console.print(f"[{done}/{self.total}] {self._name(trial_id)} {state} {metric}".rstrip())
         self._refresh()
 
     def _refresh(self) -> None:
@@ -70,15 +78,21 @@ class LiveView:
         summary = Table.grid(padding=(0, 2))
         summary.add_row(*(f"{k}: {v}" for k, v in sorted(counts.items())), f"waiting: {waiting}")
         if self.best:
-            summary.add_row(f"best {self.metric}: {self.best[0]:.4f} ({self.best[1]})")
+            summary.add_row(f"best {self.metric}: {self.best[0]:.4f}: {self._name(self.best[1])}")
         running = Table(title="running", title_justify="left", show_edge=False)
         for col in ("trial", "step", "train_loss", self.metric):
             running.add_column(col)
         for tid, state in self.states.items():
             if state == "running":
                 m = self.latest.get(tid, {})
-                running.add_row(tid, str(m.get("step", "-")), _fmt(m.get("train_loss")), _fmt(m.get(self.metric)))
+                running.add_row(self._name(tid), str(m.get("step", "-")), _fmt(m.get("train_loss")), _fmt(m.get(self.metric)))
         return Group(head, summary, running)
+
+
+def trial_label(params: dict[str, Any], seed: int | None = None) -> str:
+    """`study.granularity: 0.25, arch: moe_g1` (+ seed 0) -> "granularity=0.25, arch=moe_g1, seed=0"."""
+    parts = [f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items()]
+    return ", ".join(parts + ([f"seed={seed}"] if seed is not None else []))
 
 
 def _fmt(value: Any) -> str:

@@ -28,6 +28,12 @@ class RaySession:
     num_cpus: float
 
 
+def auth_token_path() -> str:
+    """Where Ray 2.60 keeps the token its dashboard's REST API asks for (local runs too): the
+    file `RAY_AUTH_TOKEN_PATH` names, else ~/.ray/auth_token."""
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+
+
 def _recorded(path: Path) -> list[dict]:
     try:
         return json.loads(path.read_text())
@@ -35,17 +41,27 @@ def _recorded(path: Path) -> list[dict]:
         return []
 
 
+def recorded_process(pid: int, create_time: float) -> psutil.Process | None:
+    """The process `pid` if it is still the one recorded (same creation time), else None: PIDs
+    are reused, and a recorded PID may belong to an unrelated process by now."""
+    try:
+        proc = psutil.Process(pid)
+        return proc if abs(proc.create_time() - create_time) <= 0.01 else None
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, TypeError):
+        return None
+
+
 def cleanup_orphans(pid_file: Path) -> int:
     """Stop the Ray processes a previous (killed) driver of this sweep started; returns how many."""
     stopped = []
     for entry in _recorded(pid_file):
+        proc = recorded_process(entry.get("pid", -1), entry.get("create_time"))
+        if proc is None:
+            continue
         try:
-            proc = psutil.Process(entry["pid"])
-            if abs(proc.create_time() - entry["create_time"]) > 0.01:
-                continue  # the PID now belongs to another process
             proc.terminate()
             stopped.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError):
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     _, alive = psutil.wait_procs(stopped, timeout=5)
     for proc in alive:

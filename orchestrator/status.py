@@ -8,11 +8,11 @@ import math
 import time
 from pathlib import Path
 
-import psutil
 from rich.console import Console
 from rich.table import Table
 
 from moe_core.errors import ConfigError
+from orchestrator.ray_session import recorded_process
 from orchestrator.results import COMPLETED, RUNNING, STATES, TERMINAL, SweepPaths, read_rows
 
 
@@ -30,7 +30,7 @@ def print_status(name: str, runs_dir: str | Path, console: Console) -> None:
         raise ConfigError(f"no sweep '{name}' under {runs_dir}" + (f"; sweeps there: {', '.join(known)}" if known else ""))
     rows = read_rows(paths.trials)
     driver = _driver(paths)
-    alive = bool(driver) and psutil.pid_exists(driver.get("pid", -1))
+    alive = recorded_process(driver.get("pid", -1), driver.get("create_time")) is not None
     counts = {s: 0 for s in STATES}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -39,7 +39,9 @@ def print_status(name: str, runs_dir: str | Path, console: Console) -> None:
     planned = int(driver.get("planned", len(rows)))
     done = sum(counts[s] for s in TERMINAL)
     waiting = max(0, planned - sum(counts.values()))
-    table = Table(title=f"{name}: {'running' if alive else 'not running'} ({paths.root})", title_justify="left")
+    # A heading line, not the table's title: a title wraps at the (narrow) table's width, mid-path.
+    console.print(f"[bold]{name}[/bold]: {'running' if alive else 'not running'} ({paths.root})", soft_wrap=True)
+    table = Table()
     for col in ("state", "trials"):
         table.add_column(col)
     for state, n in counts.items():
@@ -52,11 +54,24 @@ def print_status(name: str, runs_dir: str | Path, console: Console) -> None:
         best = min(completed, key=lambda r: r["val_loss"])
         console.print(f"best val_loss {best['val_loss']:.4f}: trial {best['trial_id']} "
                       + ", ".join(f"{k[2:]}={v}" for k, v in best.items() if k.startswith("p_")))
-    if driver.get("started"):
-        elapsed = time.time() - driver["started"]
-        left = planned - done
-        line = f"elapsed {elapsed / 60:.1f} min since the latest run started"
-        finished_now = done - int(driver.get("finished_before", 0))
-        if alive and finished_now > 0 and left > 0:  # at this run's pace so far
-            line += f"; about {left * elapsed / finished_now / 60:.1f} min left for {left} trials"
-        console.print(line)
+    console.print(_time_line(driver, alive, planned, done))
+
+
+def _time_line(driver: dict, alive: bool, planned: int, done: int) -> str:
+    """Elapsed and time left: at this run's pace once a trial of it has finished, else what the
+    plan estimated (from its hardware's assumed MFU)."""
+    left = planned - done
+    if not driver.get("started"):
+        return f"{left} trials left"
+    elapsed = time.time() - driver["started"]
+    line = f"elapsed {elapsed / 60:.1f} min since the latest run started"
+    if left <= 0:
+        return line + "; every trial has finished"
+    if not alive:
+        return line + f"; {left} trials left (`moe-sweep run` on the sweep's YAML resumes them)"
+    finished_now = done - int(driver.get("finished_before", 0))
+    if finished_now > 0:
+        return line + f"; time left about {left * elapsed / finished_now / 60:.1f} min for {left} trials (at this run's pace)"
+    estimate = driver.get("est_hours")
+    guess = f": the plan estimated {estimate * 60:.1f} min of compute" if isinstance(estimate, (int, float)) else ""
+    return line + f"; time left unknown until a trial of this run finishes{guess}"

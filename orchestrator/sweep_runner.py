@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from filelock import FileLock, Timeout
 from ray.tune import Callback
 from rich.console import Console
@@ -27,7 +28,7 @@ from moe_core.files import write_json
 from orchestrator.live_view import LiveView
 from orchestrator.mlflow_sync import MLflowSync, default_uri
 from orchestrator.planner import Plan, SweepFile, plan_sweep
-from orchestrator.ray_session import cleanup_orphans, start_ray, stop_ray
+from orchestrator.ray_session import auth_token_path, cleanup_orphans, start_ray, stop_ray
 from orchestrator.results import FAILED, RUNNING, STOPPED, TERMINAL, SweepPaths, read_rows, read_rows_of, trial_states, write_row
 from orchestrator.trial_fn import TrialContext, run_trial, trial_meta
 
@@ -61,7 +62,11 @@ class ResultsCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "moe_trial_id" in result:
-            self._objects()[1].result(result["moe_trial_id"], result)
+            view = self._objects()[1]
+            tid = result["moe_trial_id"]
+            if tid not in view.labels and "trial_id" not in (trial.config or {}):  # bayes: the sampled point
+                view.label(tid, dict(trial.config or {}))
+            view.result(tid, result)
 
     def _finish(self, trial: Any, error: bool) -> None:
         paths, view, mlflow = self._objects()
@@ -117,6 +122,11 @@ def run_sweep(path: str | Path, options: RunOptions, console: Console | None = N
     sweep = SweepFile(path)  # every user mistake is caught here, before any compute
     plan = plan_sweep(sweep)
     spec = sweep.spec
+    if spec.method != "bayes" and not plan.trials:
+        reasons = list(dict.fromkeys(s.reason for s in plan.skipped))
+        more = f" (and {len(reasons) - 3} more reasons)" if len(reasons) > 3 else ""
+        raise ConfigError(f"{sweep.path}: every point of the sweep is infeasible, nothing to run: "
+                          + "; ".join(reasons[:3]) + more)
     paths = SweepPaths(options.runs_dir, spec.name)
     paths.root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(paths.root / ".driver.lock"))
@@ -129,9 +139,13 @@ def run_sweep(path: str | Path, options: RunOptions, console: Console | None = N
         if cleaned:
             console.print(f"stopped {cleaned} Ray processes left by a previous driver of this sweep")
         _prepare_folder(paths, sweep, options.restart)
-        finished = sum(r["status"] in TERMINAL for r in trial_states(paths).values())
-        write_json(paths.driver, {"pid": os.getpid(), "started": time.time(), "planned": plan.planned_trials,
-                                   "finished_before": finished})
+        states = trial_states(paths)
+        finished = sum(r["status"] in TERMINAL for r in states.values())
+        est_hours = (sum(t.est_hours for t in plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL)
+                     if spec.method != "bayes" else None)
+        write_json(paths.driver, {"pid": os.getpid(), "create_time": psutil.Process().create_time(),
+                                   "started": time.time(), "planned": plan.planned_trials,
+                                   "finished_before": finished, "est_hours": est_hours})
         return _run(plan, sweep, paths, options, console)
     finally:
         lock.release()
@@ -163,7 +177,8 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
     session = start_ray(options.address, options.num_cpus, paths.pids, options.dashboard)
     try:
         if session.dashboard_url:
-            console.print(f"Ray dashboard: {session.dashboard_url}")
+            console.print(f"Ray dashboard: {session.dashboard_url} (its REST API wants the token in {auth_token_path()}: "
+                          f"curl -H \"Authorization: Bearer $(cat {auth_token_path()})\" ...)", soft_wrap=True)
         r = spec.resources
         import ray
 
@@ -220,6 +235,8 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
         if finished:
             console.print(f"{spec.name}: {finished} of {plan.planned_trials} trials already finished; running {total}")
         view = LiveView(console, spec.name, total, metric.name, metric.goal, session.dashboard_url)
+        for t in pending if spec.method != "bayes" else ():
+            view.label(t.trial_id, t.params, t.seed if len(spec.seed_list) > 1 else None)
         run_config = tune.RunConfig(
             name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths.ray), verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.retries),

@@ -57,6 +57,11 @@ def test_views_over_all_sweeps_or_one(runs):
 
 @pytest.mark.parametrize("call, message", [
     (lambda r: query("select nope from trials", r), "SQL error: Binder Error"),
+    (lambda r: query("select val_los from trials", r), 'Candidate bindings: "val_loss"'),  # DuckDB's hint kept
+    (lambda r: query("drop table trials", r), "queries are read-only (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); got DROP"),
+    (lambda r: query("select 1; insert into trials (trial_id) values ('x')", r), "read-only"),
+    (lambda r: query("copy trials to 'out.csv'", r), "got COPY"),
+    (lambda r: query("select * from read_csv('/etc/hostname')", r), "SQL error"),  # no files beyond the tables
     (lambda r: query("selec 1", r), "SQL error: Parser Error"),
     (lambda r: load_trials(r, "missing"), "no results for sweep 'missing'"),
     (lambda r: load_trials(r / "empty"), "no sweep results under"),

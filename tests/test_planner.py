@@ -252,6 +252,11 @@ def test_trial_ids_stable_across_replans_key_order_and_extension(tmp_path):
     (BASE + "base2: 1\n", "base2: unknown key; did you mean 'base'?"),
     (BASE + "resources: {workers: 3}\n", "sweep.yaml:6: train.batch_tokens: 2 micro-batches per step cannot be split over resources.workers = 3"),
     ("name: t\nbase: [1, 2\n", "invalid YAML"),
+    (BASE.replace("micro_batch_size: 8", "micro_batch_size: 8, lr: .inf"), "sweep.yaml:6: train.lr: Input should be a finite number"),
+    (BASE + "parameters:\n  train.lr: {values: [0.01, .nan]}\n", "train.lr: Input should be a finite number"),
+    (BASE + "parameters:\n  train.lr: {distribution: log_uniform, min: 1e-4, max: .inf}\n", "max: Input should be a finite number"),
+    (BASE.replace("micro_batch_size: 8", "micro_batch_size: 8, lr: 3"), "train.lr: Input should be less than or equal to 1"),
+    (BASE + "parameters:\n  model.moe.balance.aux_weight: {values: [0.01, 10]}\n", "aux_weight: Input should be less than or equal to 1"),
 ])
 def test_user_mistakes_name_file_line_and_key(tmp_path, text, needle):
     path = write(tmp_path, text)
@@ -321,6 +326,15 @@ def test_plan_json(tmp_path, capsys):
             assert key in t
     assert "reason" in out["skipped"][0] and out["totals"]["trials"] == 2
     assert out["totals"]["configurations"] == 2 and out["sweeps"][0]["configurations"] == 2
+
+
+def test_a_sweep_with_no_feasible_point_is_refused_by_run(tmp_path, capsys):
+    path = sweep(tmp_path, "study.granularity: {values: [1/3, 1/64]}\n")
+    assert main(["run", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "every point of the sweep is infeasible, nothing to run" in err
+    assert "is not a whole number" in err and "not a multiple of expert_alignment 8" in err
+    assert not (tmp_path / "runs").exists()  # refused before any folder, Ray or MLflow
 
 
 def test_plan_table_and_errors_exit_2_without_traceback(tmp_path):

@@ -25,12 +25,12 @@ class TrainConfig(StrictConfig):
     budget_params: BudgetParams = "active"
     batch_tokens: PosInt = 16384  # tokens per optimizer step (all workers, all micro-batches)
     micro_batch_size: PosInt = 8  # sequences per forward pass per worker
-    lr: Annotated[float, Field(gt=0)] = 1e-3
+    lr: Annotated[float, Field(gt=0, le=1)] = 1e-3  # AdamW: above 1 is a typo
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.01
     decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2  # WSD: final share of steps that decays
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.1  # decoupled: multiplied by lr
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
     grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0 disables clipping
