@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -11,6 +12,7 @@ from rich.table import Table
 from moe_core.accounting import count_params
 from analysis.tables import AnalysisError
 from moe_core.errors import ConfigError
+from moe_core.files import write_json
 from moe_core.train.checkpoint import CheckpointError
 from moe_core.yaml_io import load_model_config
 
@@ -49,8 +51,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _build_corpus(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from moe_core.data.config import DataConfig
     from moe_core.data.corpora import debian_docs_dir
     from moe_core.data.debian_docs import build_debian_docs
@@ -58,6 +58,44 @@ def _build_corpus(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else debian_docs_dir(DataConfig())
     counts = build_debian_docs(out)
     Console().print(f"wrote {sum(counts.values()):,} documents to {out}: {counts}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from moe_core.data.tokens import trial_tokenizer
+    from moe_core.eval.multiple_choice import score_choices
+    from moe_core.eval.tasks import resolve_task
+    from moe_core.train.checkpoint import load_trained
+    from moe_core.train.evaluation import TASK_SEED
+
+    trial, model = load_trained(Path(args.run_dir))
+    tokenizer = trial_tokenizer(trial.data)
+    tasks = args.tasks or list(trial.train.downstream) or ["bible_next_verse"]
+    if args.examples is not None and args.examples < 1:
+        raise ConfigError(f"--examples must be at least 1, not {args.examples}")
+    console = Console()
+    console.print(f"{args.run_dir}: {trial.model.moe.layout if trial.model.moe.is_moe else 'dense'}", soft_wrap=True)
+    table = Table()
+    for col in ("task", "examples", "acc", "acc_norm"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    results = {}
+    for task in tasks:
+        name, examples = resolve_task(task, seed=TASK_SEED, n=args.examples)
+        r = score_choices(model, tokenizer, examples, batch_size=args.batch_size)
+        results[name] = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
+        table.add_row(name, str(r.n), f"{r.acc:.4f}", f"{r.acc_norm:.4f}")
+    console.print(table)
+    if args.json:
+        write_json(Path(args.json), results, indent=1)
+        console.print(f"-> {args.json}", soft_wrap=True)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from moe_core.export import export_run  # needs the hf extra: a one-line error otherwise
+
+    info = export_run(Path(args.run_dir), Path(args.out))
+    remote = ", trust_remote_code=True" if info.remote_code else ""
+    Console().print(f"wrote {info.architecture} to {info.out_dir} ({info.reason})", soft_wrap=True)
+    Console().print(f"load it: AutoModelForCausalLM.from_pretrained({str(info.out_dir)!r}{remote})", soft_wrap=True)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -176,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="trial YAML with model, train, data sections")
     p.add_argument("--out", required=True, help="output folder; re-running on it resumes")
     p.set_defaults(func=_train)
+    p = sub.add_parser("eval", help="score a trained trial on multiple-choice tasks (accuracy, as lm-eval-harness)")
+    p.add_argument("run_dir", help="the trial's folder (`train --out`, or runs/<sweep>/trial_runs/<trial_id>)")
+    p.add_argument("--tasks", nargs="+", help="built-in task names or JSONL files (default: the trial's "
+                   "train.downstream, else bible_next_verse)")
+    p.add_argument("--examples", type=int, help="at most this many examples per task")
+    p.add_argument("--batch-size", type=int, default=32, help="requests per forward pass (default 32)")
+    p.add_argument("--json", help="also write the accuracies to this JSON file")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("export", help="write a trained trial in the Hugging Face format (transformers, lm-eval, vLLM)")
+    p.add_argument("run_dir", help="the trial's folder (`train --out`, or runs/<sweep>/trial_runs/<trial_id>)")
+    p.add_argument("--out", required=True, help="a new or empty folder")
+    p.set_defaults(func=_export)
     p = sub.add_parser("build-corpus", help="build a built-in corpus from installed Debian packages")
     p.add_argument("name", choices=["debian-docs"])
     p.add_argument("--out", help="output folder (default: the data cache's corpora/debian_docs)")

@@ -24,7 +24,8 @@ from orchestrator.results import TERMINAL, SweepPaths, read_rows, read_rows_of
 
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _SKIP_PARAMS = ("config_json", "probe_json", "error", "node", "updated_at", "status", "trial_id")
-_RESULTS = ("val_loss", "train_loss", "perplexity", "probe_loss_increase", "wall_seconds", "tokens_per_second", "steps", "tokens")
+_RESULTS = ("val_loss", "train_loss", "perplexity", "acc_", "probe_loss_increase", "probe_acc_drop", "wall_seconds",
+            "tokens_per_second", "steps", "tokens")
 
 
 def default_uri(runs_dir: str | Path) -> str:

@@ -69,7 +69,7 @@ TRIALS_SCHEMA: dict[str, pa.DataType] = {
     "active_params": _I, "total_params": _I, "router_params": _I, "flops_per_token": _I,
     "router_flops_per_token": _I, "train_tokens": _I, "train_flops": _F,
     "steps": _I, "tokens": _I, "train_loss": _F, "val_loss": _F, "perplexity": _F,
-    "probe_loss_increase": _F, "probe_json": _S, "wall_seconds": _F, "tokens_per_second": _F,
+    "probe_loss_increase": _F, "probe_acc_drop": _F, "probe_json": _S, "wall_seconds": _F, "tokens_per_second": _F,
     "error": _S, "config_json": _S, "node": _S, "ray_node_id": _S, "updated_at": _F,
 }
 
@@ -164,8 +164,10 @@ def finished_row(meta: dict[str, Any], summary: dict[str, Any], status: str, err
     })
     for name, value in (summary.get("val_loss") or {}).items():
         row[f"val_loss/{name}"] = value
+    row.update(summary.get("downstream") or {})  # acc_<task>, acc_norm_<task>
     probe = summary.get("routing_probe") or {}
     row["probe_loss_increase"] = probe.get("mean")
+    row["probe_acc_drop"] = probe.get("acc_drop/mean")
     row["probe_json"] = json.dumps(probe) if probe else None
     return row
 

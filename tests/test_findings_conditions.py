@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -324,6 +325,20 @@ def test_probes_of_unipool_and_vanilla_at_different_scales_are_not_compared():
 
 def test_random_routing_costing_unipool_less_is_contradicted():
     assert finding("probe", lambda b: unipool_sweep(b, probe=-0.05)).verdict == CONTRADICTED
+
+
+@pytest.mark.parametrize("unipool_drop, verdict", [(0.08, REPRODUCED), (0.0, CONTRADICTED)])
+def test_the_probe_is_judged_in_accuracy_when_the_tables_have_it(unipool_drop, verdict):
+    """UniPool's paper measures the probe in accuracy: with `probe_acc_drop` in every probed
+    trial, it decides (here against the loss increase, planted as reproduced)."""
+    def with_accuracy(trials: pd.DataFrame) -> pd.DataFrame:
+        probed = trials["probe_loss_increase"].notna()
+        drop = np.where(trials["layout"] == "unipool", unipool_drop, 0.04) + np.arange(len(trials)) % 3 * 1e-4
+        return trials.assign(probe_acc_drop=np.where(probed, drop, np.nan))
+
+    f = finding("probe", unipool_sweep, edit=with_accuracy)
+    assert f.verdict == verdict and "accuracy drop, UniPool minus vanilla" in f.checks[0].detail
+    assert f.checks[0].effect == pytest.approx(unipool_drop - 0.04, abs=0.001)
 
 
 # -- scaling fit --------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from moe_core.memory import (
 )
 from moe_core.model import build_model
 from moe_core.train.config import TrainConfig
-from moe_core.train.loop import _autocast, _optimizer
+from moe_core.train.evaluation import autocast
+from moe_core.train.loop import _optimizer
 from moe_core.trial import TrialConfig
 from orchestrator.hardware import HARDWARE
 from tests.conftest import experts, tiny
@@ -261,7 +262,7 @@ def test_estimate_matches_cuda_peak(name):
     for _ in range(train.steps):
         for _ in range(accum):
             x = torch.randint(0, cfg.vocab_size, (train.micro_batch_size, cfg.seq_len), device=device)
-            with _autocast(device):
+            with autocast(device):
                 result = model(x, x)
                 (result.loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)

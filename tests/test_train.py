@@ -129,6 +129,33 @@ def test_routing_probe_reports_deeper_layers(cache, tmp_path):
     assert set(summary.routing_probe) == {"L1", "mean"}
 
 
+def test_downstream_accuracy_at_evaluations_in_the_summary_and_the_probe(cache, tmp_path):
+    task = tmp_path / "abc.jsonl"
+    task.write_text('{"context": "ab", "choices": ["c", "x"], "label": 0}\n' * 3)
+    trial = _trial(cache, steps=6, eval_every=2, downstream=("bible_next_verse", str(task)), downstream_every=2,
+                   downstream_examples=12, routing_probe=True)
+    summary = train_trial(trial, tmp_path / "run")
+    acc = summary.downstream
+    assert set(acc) == {"acc_bible_next_verse", "acc_norm_bible_next_verse", "acc_abc", "acc_norm_abc"}
+    assert all(v in {i / 12 for i in range(13)} for k, v in acc.items() if "bible" in k)  # 12 examples
+    assert acc["acc_abc"] in (0.0, 1.0)  # three copies of one example
+    rows = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
+    scored = [r["step"] for r in rows if r.get("acc/bible_next_verse") is not None]
+    assert scored == [4, 6]  # every 2nd evaluation (steps 2, 4, 6) and the end
+    assert rows[-1]["acc/bible_next_verse"] == acc["acc_bible_next_verse"]
+    assert rows[-1]["acc_norm/abc"] == acc["acc_norm_abc"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["downstream"] == acc
+    assert set(summary.routing_probe) == {"L1", "mean", "acc_drop/L1", "acc_drop/mean"}  # the first task's
+
+
+def test_a_missing_task_file_fails_before_any_step(cache, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown task '.*nope.jsonl': give a built-in task \(bible_next_verse\)"):
+        train_trial(_trial(cache, downstream=(str(tmp_path / "nope.jsonl"),)), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.parquet").exists()
+    with pytest.raises(ConfigError, match="train.downstream: unknown task 'boolq'; allowed: bible_next_verse or a .jsonl file"):
+        _trial(cache, downstream=("boolq",))
+
+
 def test_moe_sweep_train_writes_the_three_outputs(cache, tmp_path):
     config = tmp_path / "trial.yaml"
     config.write_text(yaml.safe_dump(_trial(cache, steps=2).to_dict()))

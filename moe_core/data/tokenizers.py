@@ -51,6 +51,11 @@ class BPETokenizer:
         self.vocab_size = self._tok.get_vocab_size()
         self.eos_id = self._tok.token_to_id(EOS)
 
+    @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` it wraps (for export to transformers)."""
+        return self._tok
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts)]
 

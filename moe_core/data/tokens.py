@@ -40,6 +40,12 @@ class TokenData:
         return self.tokenizer.vocab_size
 
 
+def trial_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer trials of `cfg` train with (a BPE comes from the cache, trained there first
+    if it is missing): what evaluation and export of a finished trial must use too."""
+    return _tokenizer(cfg, fingerprint(cfg), cache_root(cfg))
+
+
 def _tokenizer(cfg: DataConfig, fp: str, root: Path) -> Tokenizer:
     if cfg.tokenizer == "bytes":
         return ByteTokenizer()

@@ -27,7 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from moe_core.files import atomic_path, write_text
+from moe_core.model import MoETransformer, build_model
 from moe_core.train.distributed import DataParallel
+from moe_core.trial import TrialConfig, load_trial_config
 
 FORMAT = "moe-sweep-checkpoint-v1"
 SHARDED_FORMAT = "moe-sweep-sharded-checkpoint-v1"
@@ -98,6 +100,22 @@ def load_latest(directory: Path, config: dict[str, Any]) -> dict[str, Any] | Non
     if state.get("config") != config:
         raise CheckpointError(f"{path}: written by a trial with a different config; use another --out folder")
     return {**state, "path": path}
+
+
+def load_trained(run_dir: Path) -> tuple[TrialConfig, MoETransformer]:
+    """A finished (or interrupted) trial's config and model with its latest checkpoint's weights,
+    on the CPU, in eval mode: for scoring or export after training."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError(f"{run}: not a trial folder (no config.yaml; give the folder `moe-sweep train --out` "
+                              "or a sweep's runs/<sweep>/trial_runs/<trial_id>)")
+    trial = load_trial_config(run / "config.yaml")
+    state = load_latest(run / "checkpoints", trial.to_dict())
+    if state is None:
+        raise CheckpointError(f"{run}: no checkpoint yet (a trial writes one at the end, and every train.checkpoint_every steps)")
+    model = build_model(trial.model)
+    restore(state, model)
+    return trial, model.eval()
 
 
 def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:

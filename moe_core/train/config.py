@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from moe_core.config import StrictConfig
 
@@ -39,6 +39,13 @@ class TrainConfig(StrictConfig):
     checkpoint_every: Annotated[int, Field(ge=0)] = 0  # steps; 0 = only at the end
     log_routing_every: Annotated[int, Field(ge=0)] = 10  # steps between routing statistics; 0 = never
     routing_probe: bool = False  # at the end, route each deeper-half MoE layer at random in turn
+    # Multiple-choice tasks scored at the end (moe_core.eval): built-in names (`bible_next_verse`)
+    # or JSONL files. `downstream_every` also scores them every N evaluations (0: at the end only);
+    # `downstream_examples` caps each task (None: a built-in task's default, or the whole file).
+    # Every trial scores the same examples (fixed task seed), so accuracies compare across trials.
+    downstream: tuple[str, ...] = ()
+    downstream_every: Annotated[int, Field(ge=0)] = 0
+    downstream_examples: PosInt | None = None
     # With several workers: `none` replicates the model (DDP); `fsdp` shards parameters, gradients
     # and optimizer states over them (FSDP2) and checkpoints with torch.distributed.checkpoint.
     sharding: Literal["none", "fsdp"] = "none"
@@ -47,9 +54,21 @@ class TrainConfig(StrictConfig):
     compile: bool = False
     peak_flops: Annotated[float, Field(gt=0)] | None = None  # for MFU; None = known GPU table / measured CPU
 
+    @field_validator("downstream")
+    @classmethod
+    def _tasks(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        from moe_core.eval.tasks import BUILTIN_TASKS  # the files themselves are read when a trial starts
+
+        for task in tasks:
+            if task not in BUILTIN_TASKS and not task.endswith(".jsonl"):
+                raise ValueError(f"unknown task {task!r}; allowed: {', '.join(BUILTIN_TASKS)} or a .jsonl file")
+        return tasks
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         given = [k for k in ("steps", "tokens", "tokens_per_active_param") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of steps, tokens, tokens_per_active_param (got {', '.join(given)})")
+        if self.downstream_every and not self.downstream:
+            raise ValueError("downstream_every needs tasks in downstream")
         return self
