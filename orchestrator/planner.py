@@ -25,7 +25,6 @@ import hashlib
 import itertools
 import json
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,7 +42,7 @@ from moe_core.yaml_io import load_yaml_with_lines
 from orchestrator.hardware import HARDWARE, Hardware
 from orchestrator.scales import SCALES
 from orchestrator.study import Infeasible, StudyConfig, derive_moe
-from orchestrator.sweep_spec import ParameterSpec, SweepSpec
+from orchestrator.sweep_spec import SweepSpec
 
 # What `base` (and so a parameter path) may contain; `scale` is a name, the rest are configs.
 BASE_SECTIONS: dict[str, type[BaseModel] | None] = {
@@ -305,9 +304,16 @@ class Planner:
             yield dict(zip(names, combo))
 
     def random_points(self) -> Iterator[dict[str, Any]]:
-        rng = random.Random(self.spec.search_seed)
+        """Draws from the same Ray Tune domains a Bayesian sweep's search space uses
+        (`search_space.tune_domain`), so the two can never mean different distributions."""
+        import numpy as np
+
+        from orchestrator.search_space import tune_domain
+
+        rng = np.random.default_rng(self.spec.search_seed)
+        domains = {name: tune_domain(p) for name, p in self.spec.parameters.items()}
         for _ in range(self.spec.trials or 0):
-            yield {name: sample(p, rng) for name, p in self.spec.parameters.items()}
+            yield {name: _python(d.sample(random_state=rng)) for name, d in domains.items()}
 
     def central_point(self) -> dict[str, Any]:
         """A representative point (first choice, middle of each range) for cost estimates."""
@@ -433,18 +439,9 @@ class Planner:
         return out
 
 
-def sample(p: ParameterSpec, rng: random.Random) -> Any:
-    """One random draw of parameter `p` (random search; Optuna draws for bayes)."""
-    if not p.is_range:
-        return rng.choice(p.choices)
-    lo, hi = float(p.min), float(p.max)
-    if p.distribution == "uniform":
-        return rng.uniform(lo, hi)
-    if p.distribution == "log_uniform":
-        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    if p.distribution == "int":
-        return rng.randint(math.ceil(lo), math.floor(hi))
-    return min(int(hi), int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1)))))  # int_log_uniform
+def _python(value: Any) -> Any:
+    """A numpy scalar drawn by Tune as the Python value a YAML would hold (configs, JSON, hashes)."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
 def _point_text(point: dict[str, Any]) -> str:

@@ -135,11 +135,11 @@ def resolved_columns(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def base_row(meta: dict[str, Any], status: str) -> dict[str, Any]:
-    """A trials-table row from a planned trial's metadata (see `trial_meta`)."""
+def planned_columns(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a trials-table row knows before training: a planned trial's metadata (`trial_meta`)."""
     row: dict[str, Any] = {
-        "trial_id": meta["trial_id"], "sweep": meta["sweep"], "status": status, "scale": meta["scale"],
-        "seed": meta["seed"], "method": meta["method"],
+        "trial_id": meta["trial_id"], "sweep": meta["sweep"], "scale": meta["scale"], "seed": meta["seed"],
+        "method": meta["method"],
     }
     row.update({_column_name(k): _param_value(v) for k, v in meta["params"].items()})
     row.update(resolved_columns(meta["config"]))
@@ -149,18 +149,28 @@ def base_row(meta: dict[str, Any], status: str) -> dict[str, Any]:
     row["config_json"] = json.dumps(meta["config"], sort_keys=True)
     row["node"] = socket.gethostname()
     row["ray_node_id"] = meta.get("ray_node_id")
-    row["updated_at"] = time.time()
     return row
 
 
-def finished_row(meta: dict[str, Any], summary: dict[str, Any], status: str, error: str | None = None) -> dict[str, Any]:
-    """The final row of a trial the trainer finished (`summary` is its TrainSummary dict)."""
-    row = base_row(meta, status)
+def point_columns(trial_id: str, sweep: str, method: str, seed: int, point: dict[str, Any]) -> dict[str, Any]:
+    """What a row knows of a sampled point that never became a trial (no FLOP-matched config)."""
+    return {"trial_id": trial_id, "sweep": sweep, "method": method, "seed": seed,
+            **{_column_name(k): _param_value(v) for k, v in point.items()}}
+
+
+def trial_row(base: dict[str, Any], status: str, summary: dict[str, Any] | None = None,
+              error: str | None = None) -> dict[str, Any]:
+    """The one builder of trials-table rows (the trial itself, an infeasible point, the driver's
+    corrections): `base` (`planned_columns`, `point_columns` or a row already written) with its
+    state, and with `summary` (a TrainSummary dict, or as much of one as is known) its results."""
+    row = {**base, "status": status, "error": error, "updated_at": time.time()}
+    if summary is None:
+        return row
     row.update({
         "steps": summary.get("steps"), "tokens": summary.get("tokens"),
         "train_loss": summary.get("train_loss"), "val_loss": summary.get("val_loss_macro"),
         "perplexity": summary.get("perplexity"), "wall_seconds": summary.get("wall_seconds"),
-        "tokens_per_second": summary.get("tokens_per_second"), "error": error,
+        "tokens_per_second": summary.get("tokens_per_second"),
     })
     for name, value in (summary.get("val_loss") or {}).items():
         row[f"val_loss/{name}"] = value

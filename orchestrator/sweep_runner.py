@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 from filelock import FileLock, Timeout
+from ray import tune
 from ray.tune import Callback
 from rich.console import Console
 
@@ -29,7 +30,7 @@ from orchestrator.live_view import LiveView
 from orchestrator.mlflow_sync import MLflowSync, default_uri
 from orchestrator.planner import Plan, SweepFile, plan_sweep
 from orchestrator.ray_session import auth_token_path, cleanup_orphans, start_ray, stop_ray
-from orchestrator.results import FAILED, RUNNING, STOPPED, TERMINAL, SweepPaths, read_rows, read_rows_of, trial_states, write_row
+from orchestrator.results import FAILED, RUNNING, STOPPED, TERMINAL, SweepPaths, read_rows, read_rows_of, trial_row, trial_states, write_row
 from orchestrator.trial_fn import TrialContext, run_trial, trial_meta
 
 
@@ -80,11 +81,11 @@ class ResultsCallback(Callback):
         if row is not None and row["status"] in (RUNNING, FAILED) and not error:
             # Tune ended the trial without an error (early stopping): keep its last result.
             last = trial.last_result or {}
-            row = {**row, "status": STOPPED, "val_loss": last.get("val_loss"), "train_loss": last.get("train_loss"),
-                   "steps": last.get("step"), "tokens": last.get("tokens"), "error": None, "updated_at": time.time()}
+            row = trial_row(row, STOPPED, {"val_loss_macro": last.get("val_loss"), "train_loss": last.get("train_loss"),
+                                           "steps": last.get("step"), "tokens": last.get("tokens")})
             write_row(file, row)
         elif row is not None and row["status"] == RUNNING and error:
-            row = {**row, "status": FAILED, "error": _error_of(trial), "updated_at": time.time()}
+            row = trial_row(row, FAILED, error=_error_of(trial))
             write_row(file, row)
         view.finished(tid, row["status"] if row else ("failed" if error else "infeasible"), row)
         mlflow.submit(tid)
@@ -152,20 +153,10 @@ def run_sweep(path: str | Path, options: RunOptions, console: Console | None = N
 
 
 def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, console: Console) -> dict[str, int]:
-    from ray import tune
-
-    # Tune's console reporter is replaced by the live view (verbose=0 alone still prints a header).
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # A Bayesian point that cannot be FLOP-matched ends without a result (Optuna: pruned);
-    # Tune's strict check would call that an error.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # Trial errors are recorded in the trials table and shown by the live view; Tune's own
-    # log lines (a traceback per failed attempt) would bury the view.
-    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    """MLflow catch-up, then Ray up, Tune over the trials still to run, Ray down."""
     spec = sweep.spec
     states = trial_states(paths)
     pending = [t for t in plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL]
-    finished = plan.planned_trials - len(pending) if spec.method != "bayes" else 0
     mlflow = MLflowSync(options.mlflow_uri or default_uri(options.runs_dir), spec.name, spec.description)
     if options.restart:
         mlflow.reset()
@@ -174,66 +165,22 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
         console.print(f"{spec.name}: all {plan.planned_trials} trials are finished; nothing to run (--restart starts over)")
         return _counts(paths)
 
+    _quiet_tune()
     session = start_ray(options.address, options.num_cpus, paths.pids, options.dashboard)
     try:
         if session.dashboard_url:
             console.print(f"Ray dashboard: {session.dashboard_url} (its REST API wants the token in {auth_token_path()}: "
                           f"curl -H \"Authorization: Bearer $(cat {auth_token_path()})\" ...)", soft_wrap=True)
-        r = spec.resources
-        import ray
-
-        have = ray.cluster_resources()
-        for name, need in (("CPU", r.cpus), ("GPU", r.gpus)):
-            if need > have.get(name, 0.0):
-                raise ConfigError(f"{sweep.path}: resources: each worker needs {need:g} {name}s but the Ray cluster has "
-                                  f"{have.get(name, 0.0):g}; lower resources.{name.lower()}s or join a bigger cluster (--address)")
-        per_trial_cpus = r.cpus * r.workers
-        fit = max(1, int(session.num_cpus // per_trial_cpus)) if per_trial_cpus else 1
-        concurrent = min(spec.max_concurrent or fit, fit)
-        ctx = TrialContext(
-            runs_dir=str(paths.runs), sweep=spec.name, method=spec.method, sweep_file=str(paths.snapshot),
-            seed=spec.seed_list[0], param_names=tuple(spec.parameters), threads=max(1, int(r.cpus)),
-            workers=r.workers, gpus_per_worker=r.gpus, cpus_per_worker=r.cpus, noop=options.noop,
-        )
-        trainable = tune.with_parameters(run_trial, ctx=ctx)
-        # A multi-worker trial's own process only drives Ray Train's workers, which hold the
-        # resources; Tune needs a non-empty request, so it asks for a token amount of memory.
-        trial_resources = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": 0, "memory": 1}
-        trainable = tune.with_resources(trainable, trial_resources)
-
-        metric = spec.metrics[0]
-        mode = metric.mode
-        scheduler = None
-        if spec.early_stopping:
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(
-                metric=metric.name, mode=mode, time_attr="evals", grace_period=spec.early_stopping.grace_period,
-                reduction_factor=spec.early_stopping.reduction_factor, max_t=10**9,
-            )
-        if spec.method == "bayes":
-            from orchestrator.search_space import optuna_searcher, search_space
-
-            searcher, remaining = optuna_searcher(spec, paths)
-            if remaining == 0:
-                console.print(f"{spec.name}: all {spec.trials} points are sampled and finished")
-                return _counts(paths)
-            param_space = search_space(spec)
-            tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                                          max_concurrent_trials=concurrent, reuse_actors=True)
-            total = remaining
-        else:
-            # Tune's configs carry only trial ids (its experiment state is saved often, and grows
-            # with config size); each trial reads its resolved plan from runs/<sweep>/plan/.
-            for t in pending:
-                write_json(paths.plan / f"{t.trial_id}.json", trial_meta(t, spec.method))
-            param_space = {"trial_id": tune.grid_search([t.trial_id for t in pending])}
-            tune_config = tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
-                                          trial_name_creator=lambda t: t.config["trial_id"],
-                                          trial_dirname_creator=lambda t: t.config["trial_id"])
-            total = len(pending)
+        _check_resources(sweep)
+        setup = _tune_setup(sweep, paths, pending, options, session.num_cpus)
+        if setup is None:
+            console.print(f"{spec.name}: all {spec.trials} points are sampled and finished")
+            return _counts(paths)
+        trainable, param_space, tune_config, total = setup
+        finished = plan.planned_trials - len(pending) if spec.method != "bayes" else 0
         if finished:
             console.print(f"{spec.name}: {finished} of {plan.planned_trials} trials already finished; running {total}")
+        metric = spec.metrics[0]
         view = LiveView(console, spec.name, total, metric.name, metric.goal, session.dashboard_url)
         for t in pending if spec.method != "bayes" else ():
             view.label(t.trial_id, t.params, t.seed if len(spec.seed_list) > 1 else None)
@@ -260,6 +207,74 @@ def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, c
     console.print(f"{spec.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                   + f" -> {paths.root}")
     return counts
+
+
+def _quiet_tune() -> None:
+    # Tune's console reporter is replaced by the live view (verbose=0 alone still prints a header).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A Bayesian point that cannot be FLOP-matched ends without a result (Optuna: pruned);
+    # Tune's strict check would call that an error.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Trial errors are recorded in the trials table and shown by the live view; Tune's own
+    # log lines (a traceback per failed attempt) would bury the view.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+
+
+def _check_resources(sweep: SweepFile) -> None:
+    """A worker that asks for more than the whole cluster has would wait forever: say so."""
+    import ray
+
+    r, have = sweep.spec.resources, ray.cluster_resources()
+    for name, need in (("CPU", r.cpus), ("GPU", r.gpus)):
+        if need > have.get(name, 0.0):
+            raise ConfigError(f"{sweep.path}: resources: each worker needs {need:g} {name}s but the Ray cluster has "
+                              f"{have.get(name, 0.0):g}; lower resources.{name.lower()}s or join a bigger cluster (--address)")
+
+
+def _tune_setup(
+    sweep: SweepFile, paths: SweepPaths, pending: list, options: RunOptions, cluster_cpus: float
+) -> tuple[Any, dict[str, Any], Any, int] | None:
+    """The trainable, search space, TuneConfig and trial count for the sweep's method; None when a
+    Bayesian sweep has sampled and finished every point already."""
+    spec, r = sweep.spec, sweep.spec.resources
+    per_trial_cpus = r.cpus * r.workers
+    fit = max(1, int(cluster_cpus // per_trial_cpus)) if per_trial_cpus else 1
+    concurrent = min(spec.max_concurrent or fit, fit)
+    ctx = TrialContext(
+        runs_dir=str(paths.runs), sweep=spec.name, method=spec.method, sweep_file=str(paths.snapshot),
+        seed=spec.seed_list[0], param_names=tuple(spec.parameters), threads=max(1, int(r.cpus)),
+        workers=r.workers, gpus_per_worker=r.gpus, cpus_per_worker=r.cpus, noop=options.noop,
+    )
+    # A multi-worker trial's own process only drives Ray Train's workers, which hold the
+    # resources; Tune needs a non-empty request, so it asks for a token amount of memory.
+    trial_resources = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": 0, "memory": 1}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
+    metric = spec.metrics[0]
+    scheduler = None
+    if spec.early_stopping:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            metric=metric.name, mode=metric.mode, time_attr="evals", grace_period=spec.early_stopping.grace_period,
+            reduction_factor=spec.early_stopping.reduction_factor, max_t=10**9,
+        )
+    if spec.method == "bayes":
+        from orchestrator.search_space import optuna_searcher, search_space
+
+        searcher, remaining = optuna_searcher(spec, paths)
+        if remaining == 0:
+            return None
+        return trainable, search_space(spec), tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=remaining, max_concurrent_trials=concurrent,
+            reuse_actors=True), remaining
+    # Tune's configs carry only trial ids (its experiment state is saved often, and grows with
+    # config size); each trial reads its resolved plan from runs/<sweep>/plan/.
+    for t in pending:
+        write_json(paths.plan / f"{t.trial_id}.json", trial_meta(t, spec.method))
+    return trainable, {"trial_id": tune.grid_search([t.trial_id for t in pending])}, tune.TuneConfig(
+        scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
+        trial_name_creator=lambda t: t.config["trial_id"], trial_dirname_creator=lambda t: t.config["trial_id"],
+    ), len(pending)
 
 
 def _counts(paths: SweepPaths) -> dict[str, int]:

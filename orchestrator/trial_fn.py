@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_core.files import write_parquet
-from orchestrator.results import FAILED, INFEASIBLE, RUNNING, SweepPaths, base_row, finished_row, write_row
+from orchestrator.results import FAILED, INFEASIBLE, RUNNING, SweepPaths, planned_columns, point_columns, trial_row, write_row
 
 # Keys of the trainer's step rows that are reported to Tune (names with '/' are per-set or
 # per-layer detail: they go to the steps table only).
@@ -72,25 +72,23 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             planned = Planner(SweepFile(ctx.sweep_file)).resolve(point, ctx.seed)
         except Infeasible as why:
             tid = infeasible_id(point)
-            write_row(paths.trials / f"{tid}.parquet", {
-                "trial_id": tid, "sweep": ctx.sweep, "status": INFEASIBLE, "method": ctx.method, "seed": ctx.seed,
-                **{"p_" + k.replace(".", "_"): str(v) for k, v in point.items()}, "error": str(why),
-            })
+            base = point_columns(tid, ctx.sweep, ctx.method, ctx.seed, point)
+            write_row(paths.trials / f"{tid}.parquet", trial_row(base, INFEASIBLE, error=str(why)))
             return  # no result: Optuna records the point as pruned, i.e. infeasible
         meta = trial_meta(planned, ctx.method)
     tid = meta["trial_id"]
     out = paths.trial_dir(tid)
-    meta = {**meta, "ray_node_id": _node_id()}
-    write_row(paths.trials / f"{tid}.parquet", base_row(meta, RUNNING))
+    base = planned_columns({**meta, "ray_node_id": _node_id()})
+    write_row(paths.trials / f"{tid}.parquet", trial_row(base, RUNNING))
     try:
         _restore_tune_checkpoint(tune.get_checkpoint(), out / "checkpoints")
         summary = _train(meta, out, ctx)
     except Exception as err:  # recorded, then re-raised so Tune applies the retry policy
         _write_steps(paths, tid, out)
-        write_row(paths.trials / f"{tid}.parquet", finished_row(meta, {}, FAILED, _error_text(err)))
+        write_row(paths.trials / f"{tid}.parquet", trial_row(base, FAILED, error=_error_text(err)))
         raise
     _write_steps(paths, tid, out)
-    write_row(paths.trials / f"{tid}.parquet", finished_row(meta, summary, summary["status"]))
+    write_row(paths.trials / f"{tid}.parquet", trial_row(base, summary["status"], summary))
 
 
 def _node_id() -> str | None:

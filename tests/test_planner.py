@@ -97,6 +97,18 @@ def test_random_search_is_seeded_and_sized(tmp_path):
     assert len({t.config.train.lr for t in a.trials}) == len(a.trials)
 
 
+def test_random_search_draws_from_the_tune_domains_bounds_inclusive(tmp_path):
+    text = BASE.replace("method: grid", "method: random\ntrials: 60\nsearch_seed: 0")
+    params = """\
+        train.eval_every: {distribution: int_log_uniform, min: 1, max: 4}
+        train.checkpoint_every: {distribution: int, min: 1, max: 3}
+        """
+    plan = plan_sweep(sweep(tmp_path, params, base=text))
+    assert {t.config.train.eval_every for t in plan.trials} == {1, 2, 3, 4}  # max included, as the YAML says
+    assert {t.config.train.checkpoint_every for t in plan.trials} == {1, 2, 3}
+    assert all(type(t.params["train.eval_every"]) is int for t in plan.trials)  # plain ints, not numpy's
+
+
 def test_bayes_plan_estimates_budget_without_trials(tmp_path):
     text = BASE.replace("method: grid", "method: bayes\ntrials: 5")
     plan = plan_sweep(sweep(tmp_path, "train.lr: {distribution: log_uniform, min: 1.0e-4, max: 1.0e-2}\n", base=text))
