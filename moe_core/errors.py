@@ -7,7 +7,6 @@ key, the value and what is allowed, so command-line front ends can print it with
 from __future__ import annotations
 
 import difflib
-import types
 import typing
 
 from pydantic import BaseModel, ValidationError
@@ -58,11 +57,10 @@ def _model_in(annotation: object) -> type[BaseModel] | None:
     """The config class inside an annotation like `X`, `X | None` or `tuple[X, ...]`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if isinstance(annotation, (types.UnionType, typing._GenericAlias)) or typing.get_origin(annotation):
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found:
-                return found
+    for arg in typing.get_args(annotation):  # () for anything that is not a union or generic
+        found = _model_in(arg)
+        if found:
+            return found
     return None
 
 

@@ -43,42 +43,32 @@ def load_model_config(path: str | Path) -> ModelConfig:
         raise ConfigError(err.detail, where=str(path), path=".".join(p for p in ("model", err.path) if p)) from None
 
 
-class _LineLoader(yaml.SafeLoader):
-    """`SafeLoader` that also remembers the line of every mapping key (still constructs plain
-    Python types only). Lines are keyed by the tuple of keys leading to the value."""
-
-
-def _record_lines(loader: _LineLoader, node: yaml.Node, prefix: tuple) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                path = prefix + (key_node.value,)
-                if key_node.value in seen:  # safe_load would silently keep the last one
-                    dotted = ".".join(str(p) for p in path)
-                    raise ConfigError(f"line {key_node.start_mark.line + 1}: {dotted}: duplicate key")
-                seen.add(key_node.value)
-                loader.key_lines.setdefault(path, key_node.start_mark.line + 1)
-                _record_lines(loader, value_node, path)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            loader.key_lines.setdefault(prefix + (i,), item.start_mark.line + 1)
-            _record_lines(loader, item, prefix + (i,))
-
-
 def load_yaml_with_lines(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     """Like `load_yaml`, plus a map from key paths (tuples of keys and list indices) to the
-    1-based line where each key or list item starts, for error messages."""
+    1-based line where each key or list item starts, for error messages. The lines and the
+    duplicate-key check are ruamel.yaml's round-trip loader's (`.lc`); the values stay PyYAML's
+    `safe_load`, so every file means what it always meant (YAML 1.1 scalars)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.constructor import DuplicateKeyError
+
     path = Path(path)
-    data = load_yaml(path)  # all the error handling; the file is small, parsing twice is cheap
-    loader = _LineLoader(path.read_text())
-    loader.key_lines = {}
+    data = load_yaml(path)  # all the other error handling; the file is small, parsing twice is cheap
     try:
-        node = loader.get_single_node()
-        if node is not None:
-            _record_lines(loader, node, ())
-    except ConfigError as err:
-        raise ConfigError(err.detail, where=str(path)) from None
-    finally:
-        loader.dispose()
-    return data, loader.key_lines
+        tree = YAML(typ="rt", pure=True).load(path.read_text())
+    except DuplicateKeyError as err:  # safe_load would silently keep the last one
+        key = err.problem.split('"')[1] if err.problem and err.problem.count('"') >= 2 else "?"
+        raise ConfigError(f"line {err.problem_mark.line + 1}: {key}: duplicate key", where=str(path)) from None
+    lines: dict[tuple, int] = {}
+    _record_lines(tree, (), lines)
+    return data, lines
+
+
+def _record_lines(node: Any, prefix: tuple, lines: dict[tuple, int]) -> None:
+    if hasattr(node, "lc") and isinstance(node, dict):
+        for key, value in node.items():
+            lines.setdefault(prefix + (key,), node.lc.key(key)[0] + 1)
+            _record_lines(value, prefix + (key,), lines)
+    elif hasattr(node, "lc") and isinstance(node, list):
+        for i, item in enumerate(node):
+            lines.setdefault(prefix + (i,), node.lc.item(i)[0] + 1)
+            _record_lines(item, prefix + (i,), lines)

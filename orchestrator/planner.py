@@ -25,6 +25,8 @@ import hashlib
 import itertools
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -233,11 +235,18 @@ def check_path(dotted: str) -> str | None:
         if part not in model.model_fields:
             return f"'{walked}' has no key '{part}'; {_suggest(part, sorted(model.model_fields))}"
         annotation = model.model_fields[part].annotation
-        inner = _model_in(annotation)
         # Lists of configs (model.moe.experts, study.expert_sets) are set whole, not item by item.
-        model = inner if inner is not None and "tuple" not in str(annotation) else None
+        model = None if _is_sequence(annotation) else _model_in(annotation)
         walked += "." + part
     return None
+
+
+def _is_sequence(annotation: Any) -> bool:
+    """`tuple[X, ...]` or `list[X]`, also inside `| None`."""
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list):
+        return True
+    return origin in (typing.Union, types.UnionType) and any(_is_sequence(a) for a in typing.get_args(annotation))
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
