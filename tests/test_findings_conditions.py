@@ -349,3 +349,19 @@ def test_scaling_fit_sees_more_total_parameters_help():
 
 def test_scaling_fit_needs_two_active_sizes():
     assert finding("scaling", lambda b: expert_count_sweep(b, scales=["syn-s"])).verdict == INCONCLUSIVE
+
+
+# -- UniPool routers that went silent -----------------------------------------------------------
+@pytest.mark.parametrize("silent, verdict", [(0.1, REPRODUCED), (0.9, INCONCLUSIVE)])
+def test_unipool_findings_are_not_judged_on_silent_routers(silent, verdict):
+    """A UniPool trial whose NormRouter scores were all 0 for most tokens measures a broken model:
+    findings 7 and 9 (planted as reproduced) are then inconclusive, saying why."""
+    b = SweepBuilder(seeds=3, noise=0.003, seed=0)
+    unipool_sweep(b)
+    trials, steps = b.tables()
+    pool_ids = trials.loc[trials["layout"] == "unipool", "trial_id"]
+    last = pd.DataFrame({"trial_id": pool_ids, "step": 10**6, "routing/silent_fraction": silent})
+    found = {f.key: f for f in all_findings(trials, pd.concat([steps, last], ignore_index=True))}
+    for key in ("unipool", "probe"):
+        assert found[key].verdict == verdict
+        assert found[key].summary.startswith("not judged: the routers of") == (verdict == INCONCLUSIVE)

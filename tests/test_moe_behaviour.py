@@ -276,3 +276,28 @@ def test_path_statistics():
         assert sum(layer["tokens_per_expert"]) == 64
         assert layer["max_load"] >= 1.0
         assert 0 < layer["entropy"] <= math.log(8) + 1e-6
+
+
+def test_silent_fraction_counts_tokens_whose_chosen_norm_scores_are_all_zero():
+    """NormRouter's ReLU can zero every score of a token (all normalised logits <= 0): its gates
+    are 0, the layer adds nothing and the router learns nothing from it. With every router row
+    the same vector w, a token is silent exactly when w . h < 0, which the statistic must count."""
+    cfg = tiny({"layout": "unipool", "experts": [experts(8, 2)], "router": {"scoring": "norm", "renormalize": False}})
+    model = build_model(cfg).eval()
+    seen = {}
+    for i, router in enumerate(model.routers):
+        w = torch.randn(cfg.d_model)
+        with torch.no_grad():
+            router.weight_ND.copy_(w.expand_as(router.weight_ND))
+        router.register_forward_hook(lambda m, args, out, i=i, w=w: seen.setdefault(i, []).append(
+            float((args[0].float() @ w <= 0).float().mean())))
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (4, 16)))
+    layers = model.routing_stats()["layers"]
+    expected = [seen[f.router].pop(0) for f in model.moe_layers]  # each router's calls, in layer order
+    assert [x["silent_fraction"] for x in layers] == pytest.approx(expected)
+    assert 0 < model.routing_stats()["summary"]["silent_fraction"] < 1
+    softmax = build_model(tiny({"layout": "layerwise", "experts": [experts(8, 2)]})).eval()
+    with torch.no_grad():
+        softmax(torch.randint(0, cfg.vocab_size, (4, 16)))
+    assert softmax.routing_stats()["summary"]["silent_fraction"] == 0.0  # softmax scores are never 0

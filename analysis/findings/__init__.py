@@ -40,6 +40,6 @@ def all_findings(trials: pd.DataFrame, steps: pd.DataFrame | None = None) -> lis
     steps = steps if steps is not None else pd.DataFrame()
     return [
         expert_count(df, noise), best_granularity(df, noise), small_effects(df, noise), dropless(df, noise),
-        compute_threshold(df, noise), balancing(df, steps, noise), unipool(df, noise), pathmoe(df, steps, noise),
-        routing_probe(df, noise), scaling_fit(df),
+        compute_threshold(df, noise), balancing(df, steps, noise), unipool(df, steps, noise), pathmoe(df, steps, noise),
+        routing_probe(df, steps, noise), scaling_fit(df),
     ]

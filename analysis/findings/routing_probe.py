@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.findings.comparisons import per_comparison
-from analysis.findings.unipool import unipool_pairs
+from analysis.findings.unipool import guard_silent, unipool_pairs
 from analysis.findings.verdicts import INCONCLUSIVE, Check, Finding, judge, sign_rule
 from analysis.stats import seed_noise
 
@@ -23,7 +23,7 @@ def probe_seed_noise(df: pd.DataFrame, column: str = "probe_loss_increase") -> f
     return seed_noise(have.assign(val_loss=have[column])) if len(have) else None
 
 
-def routing_probe(df: pd.DataFrame, noise: float | None) -> Finding:
+def routing_probe(df: pd.DataFrame, steps: pd.DataFrame, noise: float | None) -> Finding:
     """Random routing in one deeper layer hurts UniPool more than vanilla MoE. Pairs: UniPool's
     full pool (with its pool loss) and the vanilla trial it differs from in the pool alone, same
     seed (`unipool_pairs`), both probed. Measured in accuracy when every pair has it, else in
@@ -57,4 +57,4 @@ def routing_probe(df: pd.DataFrame, noise: float | None) -> Finding:
         ax.set_xticks(x, table["scale"]), ax.set_ylabel(f"{words}, one layer routed at random")
         ax.legend(fontsize=7)
     f.plot = plot
-    return judge(f)
+    return guard_silent(judge(f), df, steps)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.findings.comparisons import all_but, pair_trials, per_comparison, vanilla_moe
+from analysis.findings.comparisons import all_but, last_routing, pair_trials, per_comparison, vanilla_moe
 from analysis.findings.verdicts import (
     CONTRADICTED, INCONCLUSIVE, NOT_TESTED, REPRODUCED, Check, Finding, judge, noise_tolerance, sign_rule, signed_list,
 )
@@ -17,6 +17,35 @@ from analysis.findings.verdicts import (
 UNIPOOL_REDUCED_RANGE = (5 / 12, 2 / 3)
 # UniPool's recipe moves these together (pool, NormRouter, pool loss instead of per-layer aux).
 UNIPOOL_RECIPE = ["layout", "sparsity", "num_experts", "pool_group_size", "router_scoring", "aux_weight", "pool_weight"]
+
+
+# A UniPool trial whose NormRouter gives more than this share of tokens no expert (every chosen
+# score 0: `routing/silent_fraction`, last logged) has routers that died: the pool loss can push
+# every normalised logit below 0, where ReLU passes no gradient back. Such a trial measures a
+# broken model, not UniPool, so findings 7 and 9 say inconclusive instead of judging with it.
+SILENT_LIMIT = 0.5
+
+
+def silent_routers(df: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """UniPool trials (trial_id, scale, silent_fraction) whose routers went silent."""
+    last = last_routing(steps, ["silent_fraction"])
+    if "silent_fraction" not in last:
+        return pd.DataFrame(columns=["trial_id", "scale", "silent_fraction"])
+    pool = df[df["layout"] == "unipool"][["trial_id", "scale"]].merge(last, on="trial_id")
+    return pool[pool["silent_fraction"] > SILENT_LIMIT]
+
+
+def guard_silent(f: Finding, df: pd.DataFrame, steps: pd.DataFrame) -> Finding:
+    """A judged finding made inconclusive, with the reason first, if UniPool routers went silent."""
+    silent = silent_routers(df, steps)
+    if silent.empty:
+        return f
+    f.verdict = INCONCLUSIVE
+    f.summary = (f"not judged: the routers of {len(silent)} UniPool trial(s) went silent (NormRouter scores all "
+                 f"0 for > {SILENT_LIMIT:.0%} of tokens: " + ", ".join(
+                     f"{r['scale']} {r['silent_fraction']:.0%}" for r in silent.to_dict("records"))
+                 + "); a longer run or a lower pool_weight may keep them alive; " + f.summary)
+    return f
 
 
 def _pool_kind(group_size: float, n_layers: float, fraction: float) -> str:
@@ -92,7 +121,7 @@ def _grouped_check(t: pd.DataFrame, noise: float | None) -> Check:
                  + signed_list(full, lambda r: r["scale"], "delta"), required=False)
 
 
-def unipool(df: pd.DataFrame, noise: float | None) -> Finding:
+def unipool(df: pd.DataFrame, steps: pd.DataFrame, noise: float | None) -> Finding:
     """UniPool against vanilla, only between trials that differ in the pool alone (paired by
     seed). Each kind of pool is its own comparison: the full pool (the verdict), reduced pools (a
     smaller fraction of the vanilla budget) and pools grouped by G layers (supporting), each pool
@@ -119,5 +148,5 @@ def unipool(df: pd.DataFrame, noise: float | None) -> Finding:
         ax.axhline(0, color="k", lw=0.8), ax.set_xlabel("pool size / vanilla expert budget")
         ax.set_ylabel("loss(UniPool) - loss(vanilla)"), ax.legend(fontsize=7)
     f.plot = plot
-    return judge(f)
+    return guard_silent(judge(f), df, steps)
 

@@ -87,6 +87,10 @@ class LayerRouting:
     aux: torch.Tensor  # Switch loss, unweighted (grad)
     z: torch.Tensor  # router z-loss, unweighted (grad)
     entropy: torch.Tensor  # mean per-token routing entropy, nats
+    # Share of tokens whose chosen experts all score 0 (gate 0: the layer adds nothing and its
+    # router gets no gradient from them). Only NormRouter's ReLU can do this; a router that a
+    # balance loss pushed into the negative orthant for every token is dead (README: UniPool).
+    silent: torch.Tensor
 
     def detached(self) -> "LayerRouting":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -193,6 +197,7 @@ class MoEFFN(nn.Module):
         zero = logits_TN.new_zeros(())
         with torch.no_grad():
             entropy = routing_entropy(logits_TN, p_TN, softmax=self.router_cfg.scoring == "softmax" and len(self.sets) == 1)
+            silent = (scores_TN.gather(1, ids_TK) <= 0).all(dim=1).float().mean()
         return LayerRouting(
             layer=self.layer,
             pool=self.pool,
@@ -205,6 +210,7 @@ class MoEFFN(nn.Module):
             aux=switch_loss(f_N, mean_p_N, self.sets) if self.balance.aux_weight > 0 else zero,
             z=z_loss(logits_TN) if self.balance.z_weight > 0 else zero,
             entropy=entropy,
+            silent=silent,
         )
 
     @torch.no_grad()

@@ -7,7 +7,8 @@ calls it only when it logs.
 Reported per MoE layer: pairs per expert, max / mean load (1.0 is perfect balance), dropped
 fraction (pairs over capacity that no expert computes), default fraction (pairs over capacity
 the default expert computes, with `overflow: default_expert`; the two add up to the share over
-capacity), mean per-token routing entropy (nats), dead experts (no pair this batch). For shared
+capacity), mean per-token routing entropy (nats), silent fraction (tokens whose chosen experts
+all score 0, NormRouter only), dead experts (no pair this batch). For shared
 pools (UniPool): how much of the pool the layers use and how many distinct experts a token meets
 across layers. For path analysis (PathMoE): the top-1 expert sequence of a few tokens, and the
 Jaccard overlap of each token's expert set between consecutive MoE layers.
@@ -67,6 +68,7 @@ def summarize_routing(records: list[LayerRouting], cfg: ModelConfig, path_tokens
         [r.routed_N for r in records]
         + [torch.stack([r.kept_N.sum() for r in records]), torch.stack([r.default_pairs for r in records])]
         + [torch.stack([r.entropy.float() for r in records])]
+        + [torch.stack([r.silent.float() for r in records])]
         + [torch.stack([_jaccard(a.ids_TK, b.ids_TK) for a, b in zip(records, records[1:])] or [records[0].entropy.new_zeros(())])]
         + [torch.stack([r.ids_TK[:path_tokens, 0] for r in records], dim=1)]
         + [torch.stack([(r.routed_N > 0) for r in recs]).sum(dim=0) for _, recs in pools]
@@ -74,8 +76,8 @@ def summarize_routing(records: list[LayerRouting], cfg: ModelConfig, path_tokens
     )
     host = _to_host(device_values)
     n = len(records)
-    routed, (kept, defaulted, entropy, jaccard, top1) = host[:n], host[n : n + 5]
-    used_by, unique = host[n + 5 : n + 5 + len(pools)], host[n + 5 + len(pools) :]
+    routed, (kept, defaulted, entropy, silent, jaccard, top1) = host[:n], host[n : n + 6]
+    used_by, unique = host[n + 6 : n + 6 + len(pools)], host[n + 6 + len(pools) :]
     jaccard = jaccard if len(records) > 1 else []
     layers = []
     for i, r in enumerate(records):
@@ -89,6 +91,7 @@ def summarize_routing(records: list[LayerRouting], cfg: ModelConfig, path_tokens
                 "dropped_fraction": 1.0 - (kept[i] + defaulted[i]) / max(total_pairs, 1),
                 "default_fraction": defaulted[i] / max(total_pairs, 1),
                 "entropy": entropy[i],
+                "silent_fraction": silent[i],
                 "dead_experts": sum(c == 0 for c in routed[i]),
             }
         )
@@ -101,6 +104,7 @@ def summarize_routing(records: list[LayerRouting], cfg: ModelConfig, path_tokens
             "dropped_fraction": sum(x["dropped_fraction"] for x in layers) / len(layers),
             "default_fraction": sum(x["default_fraction"] for x in layers) / len(layers),
             "entropy": sum(x["entropy"] for x in layers) / len(layers),
+            "silent_fraction": sum(x["silent_fraction"] for x in layers) / len(layers),
             "dead_experts": sum(x["dead_experts"] for x in layers),
             "jaccard": sum(jaccard) / len(jaccard) if jaccard else float("nan"),
         },

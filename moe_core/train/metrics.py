@@ -42,6 +42,7 @@ def routing_columns(stats: dict[str, Any]) -> dict[str, float]:
         cols[f"routing/L{layer['layer']}/max_load"] = layer["max_load"]
         cols[f"routing/L{layer['layer']}/entropy"] = layer["entropy"]
         cols[f"routing/L{layer['layer']}/dropped_fraction"] = layer["dropped_fraction"]
+        cols[f"routing/L{layer['layer']}/silent_fraction"] = layer["silent_fraction"]
     for pool in stats.get("pools", []):
         cols[f"routing/pool{pool['pool']}/used_fraction"] = pool["used_fraction"]
         cols[f"routing/pool{pool['pool']}/unique_experts_per_token"] = pool["unique_experts_per_token"]
