@@ -10,6 +10,7 @@ modeling file copied into the folder and loaded with `trust_remote_code=True`. T
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,8 @@ from transformers import GenerationConfig, LlamaConfig, MixtralConfig, Pretraine
 from moe_core.config import ModelConfig
 from moe_core.data.tokenizers import Tokenizer
 from moe_core.errors import ConfigError
-from moe_core.export.configuration_moe_sweep import MoESweepConfig
 from moe_core.data.tokens import trial_tokenizer
+from moe_core.export.configuration_moe_sweep import MoESweepConfig
 from moe_core.export.tokenizer import hf_tokenizer
 from moe_core.export.weights import llama_tensors, mixtral_tensors, moe_sweep_tensors
 from moe_core.model import MoETransformer
@@ -79,7 +80,8 @@ def export_hf(model: MoETransformer, model_cfg: ModelConfig, tokenizer: Tokenize
     """Write `model` (weights in the dtype they have) and `tokenizer` as a Hugging Face folder.
 
     `out_dir` must be new or empty, so files of an earlier export (a stale modeling file) never
-    mix with this one's.
+    mix with this one's. The folder is written beside it and renamed into place, so an export
+    that fails half-way leaves nothing a loader could mistake for a model.
     """
     out = Path(out_dir)
     if model.cfg != model_cfg:
@@ -94,15 +96,24 @@ def export_hf(model: MoETransformer, model_cfg: ModelConfig, tokenizer: Tokenize
     special = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.eos_id}
     dtype = str(model.embed.weight.dtype).removeprefix("torch.")
     config = _hf_config(architecture, model, special, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out)
-    # The remote-code model has no KV cache: `generate` must feed it the whole sequence.
-    GenerationConfig(**special, use_cache=architecture != MOE_SWEEP).save_pretrained(out)
-    if architecture == MOE_SWEEP:
-        for name in REMOTE_CODE:
-            shutil.copyfile(Path(__file__).with_name(name), out / name)
-    hf_tokenizer(tokenizer, model_cfg.seq_len).save_pretrained(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        # The remote-code model has no KV cache: `generate` must feed it the whole sequence.
+        GenerationConfig(**special, use_cache=architecture != MOE_SWEEP).save_pretrained(tmp)
+        if architecture == MOE_SWEEP:
+            for name in REMOTE_CODE:
+                shutil.copyfile(Path(__file__).with_name(name), tmp / name)
+        hf_tokenizer(tokenizer, model_cfg.seq_len).save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return ExportInfo(out_dir=out, architecture=architecture, reason=reason, remote_code=architecture == MOE_SWEEP)
 
 
