@@ -41,9 +41,10 @@ def guard_silent(f: Finding, df: pd.DataFrame, steps: pd.DataFrame) -> Finding:
     if silent.empty:
         return f
     f.verdict = INCONCLUSIVE
+    ranges = silent.groupby("scale")["silent_fraction"].agg(["min", "max"])
     f.summary = (f"not judged: the routers of {len(silent)} UniPool trial(s) went silent (NormRouter scores all "
-                 f"0 for > {SILENT_LIMIT:.0%} of tokens: " + ", ".join(
-                     f"{r['scale']} {r['silent_fraction']:.0%}" for r in silent.to_dict("records"))
+                 f"0 for > {SILENT_LIMIT:.0%} of tokens; " + ", ".join(
+                     f"{scale} {r['min']:.0%}-{r['max']:.0%}" for scale, r in ranges.iterrows())
                  + "); a longer run or a lower pool_weight may keep them alive; " + f.summary)
     return f
 
