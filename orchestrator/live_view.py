@@ -19,6 +19,7 @@ class LiveView:
         self.dashboard = dashboard
         self.start = time.time()
         self.states: dict[str, str] = {}  # trial id -> state
+        self.done = 0  # trials that finished (any state but running)
         self.latest: dict[str, dict[str, Any]] = {}  # trial id -> last reported metrics
         self.best: tuple[float, str] | None = None
         self.live: Live | None = None
@@ -53,14 +54,16 @@ class LiveView:
         self._refresh()
 
     def finished(self, trial_id: str, state: str, row: dict[str, Any] | None) -> None:
+        if self.states.get(trial_id, "running") == "running":
+            self.done += 1
         self.states[trial_id] = state
         value = (row or {}).get(self.metric, (row or {}).get("val_loss"))
         if state == "completed" and isinstance(value, (int, float)) and self._better(value):
             self.best = (float(value), trial_id)
         if not self.live:
             metric = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) else ""
-            done = sum(s != "running" for s in self.states.values())
-            self.console.print(f"[{done}/{self.total}] {self._name(trial_id)} {state} {metric}".rstrip())
+            self.console.print(f"[{self.done}/{self.total}] {self._name(trial_id)} {state} {metric}".rstrip(),
+                               markup=False, highlight=False)
         self._refresh()
 
     def _refresh(self) -> None:

@@ -134,6 +134,19 @@ class MLflowSync:
             self._thread.join()
             self._thread = None
 
+    def sync_unlogged(self, paths: SweepPaths) -> int:
+        """Log the trials with a row but no run yet (those the background thread never saw, like
+        Bayesian points that were infeasible), reading only their rows: rows already mirrored by
+        this driver cannot change after their trial finished."""
+        if not self._connect():
+            return 0
+        try:
+            missing = sorted({p.stem for p in paths.trials.glob("*.parquet")} - set(self._logged()))
+        except Exception as err:
+            self._fail(err)
+            return 0
+        return self.sync(paths, missing) if missing else 0
+
     def sync(self, paths: SweepPaths, trial_ids: list[str] | None = None) -> int:
         """Log finished trials (all of the sweep's, or `trial_ids`) that MLflow does not have yet;
         returns how many were logged."""
@@ -146,7 +159,6 @@ class MLflowSync:
             else:
                 rows = [r for tid in trial_ids for r in read_rows_of(paths.trials / f"{tid}.parquet")]
             runs = self._logged()
-            pending: list[Any] = []  # MLflow's asynchronous log_batch operations of this call
             for row in rows:
                 if row.get("status") not in TERMINAL and row.get("status") != "failed":
                     continue
@@ -155,23 +167,21 @@ class MLflowSync:
                     continue
                 if run is not None:
                     self.client.delete_run(run.run_id)
-                runs[row["trial_id"]] = self._log_trial(row, paths, pending)
+                runs[row["trial_id"]] = self._log_trial(row, paths)
                 logged += 1
-            for op in pending:  # every batch is in the store when sync returns
-                op.wait()
         except Exception as err:
             self._fail(err)
         return logged
 
-    def _log_trial(self, row: dict[str, Any], paths: SweepPaths, pending: list[Any]) -> Any:
+    def _log_trial(self, row: dict[str, Any], paths: SweepPaths) -> Any:
         """One child run in three calls: create (tags), one batch (params, metrics, the `logged`
         tag last written with them), terminate. Step histories over 1000 values take more batches.
 
-        The batches go through MLflow's asynchronous logging (`synchronous=False`, in order per
-        run; their operations are added to `pending` for the caller to wait on): the next trial's
-        run is created and its Parquet read while they are written. Measured on 2 cores, SQLite
-        store, 100 runs of 320 metrics and 40 params: 66 ms per run against 104 ms synchronous.
-        The driver's own thread stays: it keeps Parquet reads and run creation off Tune's loop."""
+        Batches are synchronous. MLflow's `log_batch(synchronous=False)` was measured and is
+        slower here: `set_terminated` shuts MLflow's asynchronous logging down (waiting for the
+        queue, then tearing its thread pools down for the next run to rebuild), 42 ms per trial
+        (bench/orchestrator_overhead.py, 2,000 no-op trials). The driver's own thread keeps
+        Parquet reads and run creation off Tune's event loop."""
         from mlflow.entities import Metric, Param, RunTag
 
         tid = row["trial_id"]
@@ -195,11 +205,10 @@ class MLflowSync:
         # interrupted half-way is never taken for a complete one.
         chunks = [metrics[i:i + BATCH] for i in range(0, len(metrics), BATCH)] or [[]]
         for chunk in chunks[:-1]:
-            pending.append(self.client.log_batch(run_id, metrics=chunk, synchronous=False))
+            self.client.log_batch(run_id, metrics=chunk)
         for i in range(100, len(params), 100):
-            pending.append(self.client.log_batch(run_id, params=params[i:i + 100], synchronous=False))
-        pending.append(self.client.log_batch(run_id, metrics=chunks[-1], params=params[:100],
-                                             tags=tags + [RunTag("logged", "1")], synchronous=False))
+            self.client.log_batch(run_id, params=params[i:i + 100])
+        self.client.log_batch(run_id, metrics=chunks[-1], params=params[:100], tags=tags + [RunTag("logged", "1")])
         self.client.set_terminated(run_id, "FINISHED" if row["status"] in ("completed", "stopped", "infeasible") else "FAILED")
         return _Logged(run_id, row["status"])
 

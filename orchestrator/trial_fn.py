@@ -106,16 +106,16 @@ def _error_text(err: BaseException) -> str:
 
 
 def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]:
+    if ctx.noop:  # the overhead bench: before importing torch and the trainer (~2 s a worker)
+        from ray import tune
+
+        tune.report({"moe_trial_id": meta["trial_id"], "evals": 1, "step": 0, "val_loss": 0.0})
+        return {"status": "completed", "steps": 0, "tokens": 0, "val_loss": {}, "val_loss_macro": 0.0}
     import torch
 
     from moe_core.train.loop import train_trial
     from moe_core.trial import TrialConfig
 
-    if ctx.noop:
-        from ray import tune
-
-        tune.report({"moe_trial_id": meta["trial_id"], "evals": 1, "step": 0, "val_loss": 0.0})
-        return {"status": "completed", "steps": 0, "tokens": 0, "val_loss": {}, "val_loss_macro": 0.0}
     if ctx.workers > 1:
         return _train_data_parallel(meta, out, ctx)
     trial = TrialConfig.from_dict(meta["config"])
