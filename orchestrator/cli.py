@@ -62,25 +62,24 @@ def _build_corpus(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from moe_core.data.tokens import trial_tokenizer
-    from moe_core.eval.multiple_choice import score_choices
-    from moe_core.eval.tasks import resolve_task
     from moe_core.train.checkpoint import load_trained
-    from moe_core.train.evaluation import TASK_SEED
+    from moe_core.train.evaluation import Tasks
+    from moe_core.train.loop import train_device
 
-    trial, model = load_trained(Path(args.run_dir))
-    tokenizer = trial_tokenizer(trial.data)
-    tasks = args.tasks or list(trial.train.downstream) or ["bible_next_verse"]
     if args.examples is not None and args.examples < 1:
         raise ConfigError(f"--examples must be at least 1, not {args.examples}")
+    trial, model = load_trained(Path(args.run_dir))
+    # As the trainer scored it at the end: its device (bf16 autocast on CUDA) and batch size.
+    device = train_device(trial.train.device)
+    tasks = Tasks.resolve(args.tasks or trial.train.downstream or ["bible_next_verse"], args.examples)
+    scores = tasks.score(model.to(device), trial_tokenizer(trial.data), trial, device, args.batch_size)
     console = Console()
     console.print(f"{args.run_dir}: {trial.model.moe.layout if trial.model.moe.is_moe else 'dense'}", soft_wrap=True)
     table = Table()
     for col in ("task", "examples", "acc", "acc_norm"):
         table.add_column(col, justify="left" if col == "task" else "right")
     results = {}
-    for task in tasks:
-        name, examples = resolve_task(task, seed=TASK_SEED, n=args.examples)
-        r = score_choices(model, tokenizer, examples, batch_size=args.batch_size)
+    for name, r in scores.items():
         results[name] = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
         table.add_row(name, str(r.n), f"{r.acc:.4f}", f"{r.acc_norm:.4f}")
     console.print(table)
@@ -219,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="built-in task names or JSONL files (default: the trial's "
                    "train.downstream, else bible_next_verse)")
     p.add_argument("--examples", type=int, help="at most this many examples per task")
-    p.add_argument("--batch-size", type=int, default=32, help="requests per forward pass (default 32)")
+    p.add_argument("--batch-size", type=int, help="requests per forward pass (default: as the trainer, 4 x micro_batch_size)")
     p.add_argument("--json", help="also write the accuracies to this JSON file")
     p.set_defaults(func=_eval)
     p = sub.add_parser("export", help="write a trained trial in the Hugging Face format (transformers, lm-eval, vLLM)")

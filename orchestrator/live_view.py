@@ -94,7 +94,7 @@ class LiveView:
 
 def trial_label(params: dict[str, Any], seed: int | None = None) -> str:
     """`study.granularity: 0.25, arch: moe_g1` (+ seed 0) -> "granularity=0.25, arch=moe_g1, seed=0"."""
-    parts = [f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items()]
+    parts = [f"{k.rsplit('.', 1)[-1]}={format(v, 'g') if isinstance(v, float) else v}" for k, v in params.items()]
     return ", ".join(parts + ([f"seed={seed}"] if seed is not None else []))
 
 

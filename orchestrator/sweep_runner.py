@@ -140,23 +140,22 @@ def run_sweep(path: str | Path, options: RunOptions, console: Console | None = N
         if cleaned:
             console.print(f"stopped {cleaned} Ray processes left by a previous driver of this sweep")
         _prepare_folder(paths, sweep, options.restart)
-        states = trial_states(paths)
+        states = trial_states(paths)  # read once: 2,000 per-trial files take seconds
         finished = sum(r["status"] in TERMINAL for r in states.values())
-        est_hours = (sum(t.est_hours for t in plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL)
-                     if spec.method != "bayes" else None)
+        pending = [t for t in plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL]
+        est_hours = sum(t.est_hours for t in pending) if spec.method != "bayes" else None
         write_json(paths.driver, {"pid": os.getpid(), "create_time": psutil.Process().create_time(),
                                    "started": time.time(), "planned": plan.planned_trials,
                                    "finished_before": finished, "est_hours": est_hours})
-        return _run(plan, sweep, paths, options, console)
+        return _run(plan, sweep, paths, pending, options, console)
     finally:
         lock.release()
 
 
-def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, options: RunOptions, console: Console) -> dict[str, int]:
-    """MLflow catch-up, then Ray up, Tune over the trials still to run, Ray down."""
+def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, pending: list, options: RunOptions,
+         console: Console) -> dict[str, int]:
+    """MLflow catch-up, then Ray up, Tune over the `pending` trials (grid/random), Ray down."""
     spec = sweep.spec
-    states = trial_states(paths)
-    pending = [t for t in plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL]
     mlflow = MLflowSync(options.mlflow_uri or default_uri(options.runs_dir), spec.name, spec.description)
     if options.restart:
         mlflow.reset()

@@ -14,11 +14,10 @@ from torch import nn
 from moe_core import ConfigError, ModelOutput, build_model
 from moe_core.data.corpora import BIBLE_VALIDATION
 from moe_core.data.tokenizers import ByteTokenizer
-from moe_core.eval.bible_next_verse import bible_next_verse
+from moe_core.eval.bible_next_verse import bible_next_verse, heldout_verses
 from moe_core.eval.examples import MCExample, load_task
 from moe_core.eval.multiple_choice import score_choices
 from moe_core.eval.tasks import resolve_task
-from moe_core.eval.bible_next_verse import heldout_verses
 from tests.conftest import experts, tiny
 
 TOK = ByteTokenizer()

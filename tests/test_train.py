@@ -154,6 +154,11 @@ def test_a_missing_task_file_fails_before_any_step(cache, tmp_path):
     assert not (tmp_path / "run" / "metrics.parquet").exists()
     with pytest.raises(ConfigError, match="train.downstream: unknown task 'boolq'; allowed: bible_next_verse or a .jsonl file"):
         _trial(cache, downstream=("boolq",))
+    for folder in ("a", "b"):  # two files whose columns would collide (acc_x): one would be lost
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.jsonl").write_text('{"context": "a", "choices": ["b"], "label": 0}\n')
+    with pytest.raises(ConfigError, match=r"train.downstream: two tasks would share the columns acc_x"):
+        train_trial(_trial(cache, downstream=(str(tmp_path / "a/x.jsonl"), str(tmp_path / "b/x.jsonl"))), tmp_path / "run")
 
 
 def test_moe_sweep_train_writes_the_three_outputs(cache, tmp_path):

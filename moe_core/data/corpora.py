@@ -39,19 +39,27 @@ def bible_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
 
 
+VERSE_SEPARATOR = "\n"  # a book is its verses joined by this
+
+
+def bible_verses() -> Iterator[dict[str, str]]:
+    """The Bible's verses in order, as the package stores them (`book`, `citation`, `text`, ...)."""
+    with bible_path().open() as f:
+        for line in f:
+            yield json.loads(line)
+
+
 def bible_documents() -> Iterator[tuple[str, str]]:
     split_of = {book: name for name, books in BIBLE_VALIDATION.items() for book in books}
     book, verses = None, []
-    with bible_path().open() as f:
-        for line in f:
-            verse = json.loads(line)
-            if verse["book"] != book and verses:
-                yield split_of.get(book, "train"), "\n".join(verses)
-                verses = []
-            book = verse["book"]
-            verses.append(verse["text"])
+    for verse in bible_verses():
+        if verse["book"] != book and verses:
+            yield split_of.get(book, "train"), VERSE_SEPARATOR.join(verses)
+            verses = []
+        book = verse["book"]
+        verses.append(verse["text"])
     if verses:
-        yield split_of.get(book, "train"), "\n".join(verses)
+        yield split_of.get(book, "train"), VERSE_SEPARATOR.join(verses)
 
 
 def expand_paths(patterns: tuple[str, ...]) -> list[Path]:

@@ -12,15 +12,13 @@ a byte-level BPE pre-token boundary, so the separate context/choice encoding of
 
 from __future__ import annotations
 
-import json
 import random
 from functools import lru_cache
 
-from moe_core.data.corpora import BIBLE_VALIDATION, bible_path
+from moe_core.data.corpora import BIBLE_VALIDATION, VERSE_SEPARATOR, bible_verses
 from moe_core.eval.examples import MCExample
 
 DISTRACTORS = 3
-SEPARATOR = "\n"  # how the corpus joins verses (`corpora.bible_documents`)
 
 
 @lru_cache(maxsize=1)
@@ -28,11 +26,9 @@ def heldout_verses() -> dict[str, tuple[tuple[str, str], ...]]:
     """Held-out book -> its (citation, text) verses in order; read once per process."""
     books = {book for names in BIBLE_VALIDATION.values() for book in names}
     verses: dict[str, list[tuple[str, str]]] = {}
-    with bible_path().open() as f:
-        for line in f:
-            verse = json.loads(line)
-            if verse["book"] in books:
-                verses.setdefault(verse["book"], []).append((verse["citation"], verse["text"]))
+    for verse in bible_verses():
+        if verse["book"] in books:
+            verses.setdefault(verse["book"], []).append((verse["citation"], verse["text"]))
     return {book: tuple(vs) for book, vs in verses.items()}
 
 
@@ -52,7 +48,7 @@ def bible_next_verse(n: int = 500, seed: int = 0) -> list[MCExample]:
         rng.shuffle(choices)
         examples.append(MCExample(
             context=context,
-            choices=[SEPARATOR + c for c in choices],
+            choices=[VERSE_SEPARATOR + c for c in choices],
             label=choices.index(true_next),
             id=citation,
         ))

@@ -197,7 +197,9 @@ class MoEFFN(nn.Module):
         zero = logits_TN.new_zeros(())
         with torch.no_grad():
             entropy = routing_entropy(logits_TN, p_TN, softmax=self.router_cfg.scoring == "softmax" and len(self.sets) == 1)
-            silent = (scores_TN.gather(1, ids_TK) <= 0).all(dim=1).float().mean()
+            # Softmax and sigmoid scores are never 0: only NormRouter pays for the check.
+            silent = ((scores_TN.gather(1, ids_TK) <= 0).all(dim=1).float().mean()
+                      if self.router_cfg.scoring == "norm" else zero)
         return LayerRouting(
             layer=self.layer,
             pool=self.pool,

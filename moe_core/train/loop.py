@@ -17,16 +17,17 @@ from typing import Any
 import torch
 import yaml
 
-from moe_core.accounting import count_params
+from moe_core.accounting import ParamCount, count_params
 from moe_core.data.tokens import TokenData, prepare_tokens
 from moe_core.errors import ConfigError
+from moe_core.eval.multiple_choice import MCResult
 from moe_core.files import write_json, write_parquet, write_text
 from moe_core.model import MoETransformer, build_model
 from moe_core.train.batches import micro_batches
 from moe_core.train.callbacks import TrainCallback
 from moe_core.train.checkpoint import load_latest, restore, save_checkpoint, save_sharded_checkpoint
 from moe_core.train.distributed import DataParallel
-from moe_core.train.evaluation import Tasks, autocast, evaluate, macro, routing_probe, step_columns
+from moe_core.train.evaluation import Tasks, accuracy_columns, autocast, evaluate, macro, routing_probe
 from moe_core.train.fsdp import plain, shard_model
 from moe_core.train.metrics import peak_flops, routing_columns
 from moe_core.train.schedule import lr_factor
@@ -54,7 +55,8 @@ class TrainSummary:
         return asdict(self)
 
 
-def _device(choice: str) -> torch.device:
+def train_device(choice: str) -> torch.device:
+    """`train.device` as a torch device (`auto`: CUDA when there is one)."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -115,17 +117,17 @@ class _Run:
     tasks: Tasks
     model: MoETransformer
     wrapped: torch.nn.Module  # what the step calls backward through: the model, or its DDP wrapper
-    step_fn: Any  # `wrapped`, compiled when train.compile
+    step_fn: torch.nn.Module  # `wrapped`, compiled when train.compile
     optimizer: torch.optim.Optimizer
     sharded: bool  # FSDP: also picks the checkpoint layout, at any worker count
-    counts: Any  # moe_core.accounting.ParamCount
+    counts: ParamCount
     peak: float  # FLOP/s, for MFU
     rows: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0
     wall_before: float = 0.0  # seconds trained before a resume
     t_start: float = 0.0
     val: dict[str, float] = field(default_factory=dict)  # the latest validation losses
-    accuracy: dict[str, float] = field(default_factory=dict)  # the latest downstream accuracies
+    scores: dict[str, MCResult] = field(default_factory=dict)  # the latest downstream results, by task
 
     @property
     def wall(self) -> float:
@@ -143,7 +145,7 @@ def _set_up(trial: TrialConfig, out: Path, callbacks: list[TrainCallback], data:
     if dp.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.yaml", yaml.safe_dump(trial.to_dict(), sort_keys=False))
-    device = _device(trial.train.device)
+    device = train_device(trial.train.device)
     if device.type == "cuda" and dp.enabled:
         device = torch.device("cuda", torch.cuda.current_device())
     data = data or prepare_tokens(trial.data, lambda n: [cb.on_tokenising(trial.data.source, n) for cb in callbacks])
@@ -230,8 +232,8 @@ def _evaluate_into(run: _Run, row: dict[str, Any], step: int, last: bool) -> Non
     row["val_loss"] = macro(run.val)
     every = run.trial.train.downstream_every
     if run.tasks.examples and (last or (every and (step // run.trial.train.eval_every) % every == 0)):
-        run.accuracy = run.tasks.score(run.model, run.data, run.trial, run.device)
-        row.update(step_columns(run.accuracy))
+        run.scores = run.tasks.score(run.model, run.data.tokenizer, run.trial, run.device)
+        row.update(accuracy_columns(run.scores, "/"))
     for cb in run.callbacks:
         cb.on_eval(step, {"val_loss": row["val_loss"], **{f"val_loss/{k}": v for k, v in run.val.items()}})
 
@@ -258,13 +260,14 @@ def _finish(run: _Run, status: str) -> TrainSummary:
     completed = status == "completed"
     if completed and not run.val:  # resumed after the final step: evaluate once more
         run.val = evaluate(run.model, run.data, trial, run.device)
-    if completed and run.tasks.examples and not run.accuracy:
-        run.accuracy = run.tasks.score(run.model, run.data, trial, run.device)
+    if completed and run.tasks.examples and not run.scores:
+        run.scores = run.tasks.score(run.model, run.data.tokenizer, trial, run.device)
     steps_done = rows[-1]["step"] if rows else 0
     tokens_per_step = trial.train.batch_tokens
     loss = macro(run.val) if run.val else float("nan")
     train_rows = [r["train_loss"] for r in rows[-10:]]
-    probe = routing_probe(run.model, run.data, trial, run.device, run.tasks) if trial.train.routing_probe and completed else {}
+    probe = (routing_probe(run.model, run.data, trial, run.device, run.tasks, loss, run.scores)
+             if trial.train.routing_probe and completed else {})
     summary = TrainSummary(
         status=status,
         steps=steps_done,
@@ -278,7 +281,7 @@ def _finish(run: _Run, status: str) -> TrainSummary:
         train_flops=float(run.counts.flops_per_token) * steps_done * tokens_per_step,
         wall_seconds=wall,
         tokens_per_second=steps_done * tokens_per_step / wall if wall > 0 else 0.0,
-        downstream=run.accuracy,
+        downstream=accuracy_columns(run.scores),
         routing_probe=probe,
     )
     if run.dp.is_main:
