@@ -27,10 +27,10 @@ demo: setup
 # The suite without the tests marked slow (multi-process training, Ray sweeps, compile); CI
 # runs both targets.
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	MOE_SWEEP_TEST_ALL_DEPS=1 $(PY) -m pytest -q -m "not slow"
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	MOE_SWEEP_TEST_ALL_DEPS=1 $(PY) -m pytest -q -m slow
 
 bench: setup
 	$(PY) bench/moe_layer.py

@@ -12,6 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.deps import require
+
+require("matplotlib")
+
 from analysis import AnalysisError, load_steps, load_trials, query, sweeps
 from analysis.findings import CONTRADICTED, INCONCLUSIVE, REPRODUCED, all_findings
 from analysis.report import write_report

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+from tests.deps import require
+
+require("transformers", "safetensors")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -16,6 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
+from tests.deps import require
+
+require("ray", "optuna", "mlflow")
+
 from orchestrator.results import SweepPaths, read_rows, read_table
 from orchestrator.sweep_runner import RunOptions, run_sweep
 
