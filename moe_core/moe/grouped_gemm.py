@@ -54,11 +54,9 @@ def grouped_weight_grad(a_PX: torch.Tensor, g_PY: torch.Tensor, offsets_E: torch
     return grouped_wgrad_op(a_PX, g_PY, offsets_E)
 
 
-# -- custom ops: torch.compile sees them whole. `torch._grouped_mm`'s own fake (meta) kernel accepts
-# only bfloat16, so compiling the float32 CPU path through it would fail; these ops carry their
-# own shape functions and autograd, and call `torch._grouped_mm` (or the loop) when they run.
-@torch.library.custom_op("moe_sweep::grouped_mm", mutates_args=())
-def grouped_mm_op(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+def mm_groups(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """`grouped_matmul` without autograd or the custom-op round trip (~35 us a call): for
+    hand-written backward passes that run eagerly (the CPU `streamed` path)."""
     if not grouped_mm_usable(a_PX, b_EXY):
         return _loop(a_PX, b_EXY, offsets_E)
     num_groups = b_EXY.shape[0]
@@ -84,13 +82,8 @@ def _chunks(offsets_E: torch.Tensor) -> list[tuple[slice, int, int]]:
     return [(slice(e0, e1 + 1), start, end) for e0, e1, start, end in zip(firsts, lasts, [0, *ends[:-1]], ends)]
 
 
-@grouped_mm_op.register_fake
-def _(a_PX, b_EXY, offsets_E):
-    return a_PX.new_empty(a_PX.shape[0], b_EXY.shape[-1])
-
-
-@torch.library.custom_op("moe_sweep::grouped_wgrad", mutates_args=())
-def grouped_wgrad_op(a_PX: torch.Tensor, g_PY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+def wgrad_groups(a_PX: torch.Tensor, g_PY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """`grouped_weight_grad` without the custom-op round trip (see `mm_groups`)."""
     num_groups = offsets_E.numel()
     if not grouped_mm_usable(a_PX, g_PY):
         ends = offsets_E.tolist()
@@ -103,9 +96,30 @@ def grouped_wgrad_op(a_PX: torch.Tensor, g_PY: torch.Tensor, offsets_E: torch.Te
     else:
         out = torch.cat([torch._grouped_mm(a_PX[start:end].t(), g_PY[start:end], offs=offsets_E[groups] - start)
                          for groups, start, end in _chunks(offsets_E)])
-    # Not every implementation writes an empty group's slice: zero it on the device (no host read).
+    if out.device.type == "cpu":  # torch's CPU fallback runs mm_out on every group, empty ones too
+        return out
+    # The CUDA kernel may leave an empty group's slice unwritten: zero it on the device (no host
+    # read), in place (a copy would be one more pass over every weight gradient).
     counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
-    return torch.where((counts > 0)[:, None, None], out, 0)
+    return out.masked_fill_((counts == 0)[:, None, None], 0)
+
+
+# -- custom ops: torch.compile sees them whole. `torch._grouped_mm`'s own fake (meta) kernel accepts
+# only bfloat16, so compiling the float32 CPU path through it would fail; these ops carry their
+# own shape functions and autograd, and call `torch._grouped_mm` (or the loop) when they run.
+@torch.library.custom_op("moe_sweep::grouped_mm", mutates_args=())
+def grouped_mm_op(a_PX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return mm_groups(a_PX, b_EXY, offsets_E)
+
+
+@grouped_mm_op.register_fake
+def _(a_PX, b_EXY, offsets_E):
+    return a_PX.new_empty(a_PX.shape[0], b_EXY.shape[-1])
+
+
+@torch.library.custom_op("moe_sweep::grouped_wgrad", mutates_args=())
+def grouped_wgrad_op(a_PX: torch.Tensor, g_PY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return wgrad_groups(a_PX, g_PY, offsets_E)
 
 
 @grouped_wgrad_op.register_fake

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from moe_core.moe.dispatch import Dispatch
-from moe_core.moe.grouped_gemm import grouped_matmul, grouped_weight_grad, offsets_from_counts
-from moe_core.moe.swiglu import swiglu_backward
+from moe_core.moe.grouped_gemm import mm_groups, offsets_from_counts, wgrad_groups
+from moe_core.moe.swiglu import swiglu_activation, swiglu_backward
 
 CHUNK_BYTES = 2 << 20  # gathered input rows per chunk: fits the L2/L3 of common CPUs
 
@@ -55,9 +55,9 @@ class StreamedExperts(torch.autograd.Function):
                 continue
             tok = token_P[r0:r1]
             offs = offsets_from_counts(counts[e0:e1])
-            h_R2F = grouped_matmul(x_TD.index_select(0, tok), w13_EDF2[e0:e1], offs)
+            h_R2F = mm_groups(x_TD.index_select(0, tok), w13_EDF2[e0:e1], offs)
             a_RF = F.silu(h_R2F[:, :width]).mul_(h_R2F[:, width:]).mul_(gates_P[r0:r1, None])
-            out_TD.index_add_(0, tok, grouped_matmul(a_RF, w2_EFD[e0:e1], offs))
+            out_TD.index_add_(0, tok, mm_groups(a_RF, w2_EFD[e0:e1], offs))
             h_chunks.append(h_R2F)
         ctx.save_for_backward(x_TD, gates_P, w13_EDF2, w2_EFD, token_P, *h_chunks)
         ctx.counts, ctx.chunks = counts, chunks
@@ -67,7 +67,6 @@ class StreamedExperts(torch.autograd.Function):
     @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, dout_TD):
         x_TD, gates_P, w13_EDF2, w2_EFD, token_P, *h_chunks = ctx.saved_tensors
-        width = w2_EFD.shape[1]
         dout_TD = dout_TD.contiguous()
         dx_TD = torch.zeros_like(x_TD)
         # Uninitialised: every expert's slice is written below. At large expert counts these are
@@ -85,14 +84,14 @@ class StreamedExperts(torch.autograd.Function):
             offs = offsets_from_counts(counts)
             dy_RD = dout_TD.index_select(0, tok)
             h_R2F = next(h_iter)
-            act = F.silu(h_R2F[:, :width]) * h_R2F[:, width:]
+            act, sig = swiglu_activation(h_R2F)
             g_R1 = gates_P[r0:r1, None]
-            dw2[e0:e1] = grouped_weight_grad(act * g_R1, dy_RD, offs)
-            d_act = grouped_matmul(dy_RD, w2_t[e0:e1], offs)
+            dw2[e0:e1] = wgrad_groups(act * g_R1, dy_RD, offs)
+            d_act = mm_groups(dy_RD, w2_t[e0:e1], offs)
             dgates_P[r0:r1] = (d_act * act).sum(dim=-1)
-            dh_R2F = swiglu_backward(h_R2F, d_act.mul_(g_R1))
-            dw13[e0:e1] = grouped_weight_grad(x_TD.index_select(0, tok), dh_R2F, offs)
-            dx_TD.index_add_(0, tok, grouped_matmul(dh_R2F, w13_t[e0:e1], offs))
+            dh_R2F = swiglu_backward(h_R2F, d_act.mul_(g_R1), sig)
+            dw13[e0:e1] = wgrad_groups(x_TD.index_select(0, tok), dh_R2F, offs)
+            dx_TD.index_add_(0, tok, mm_groups(dh_R2F, w13_t[e0:e1], offs))
         return dx_TD, dgates_P, dw13, dw2, None, None, None
 
 

@@ -13,12 +13,29 @@ import torch
 import torch.nn.functional as F
 
 
-def swiglu_backward(h_R2F: torch.Tensor, d_act_RF: torch.Tensor) -> torch.Tensor:
-    """d h for act = silu(gate) * up, given d act. silu'(z) = sigma(z) * (1 + z * (1 - sigma(z)))."""
-    width = d_act_RF.shape[-1]
+def swiglu_activation(h_R2F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """act = silu(gate) * up, and sigma(gate), which the backward needs again."""
+    width = h_R2F.shape[-1] // 2
     gate, up = h_R2F[:, :width], h_R2F[:, width:]
     sig = torch.sigmoid(gate)
-    return torch.cat((d_act_RF * up * sig * (1 + gate * (1 - sig)), d_act_RF * gate * sig), dim=-1)
+    return gate * sig * up, sig
+
+
+def swiglu_backward(h_R2F: torch.Tensor, d_act_RF: torch.Tensor, sig_RF: torch.Tensor) -> torch.Tensor:
+    """d h for act = silu(gate) * up, given d act and sig = sigma(gate) (from `swiglu_activation`).
+    silu'(z) = sigma(z) * (1 + z * (1 - sigma(z))). Both halves are computed in place in one
+    (R, 2F) tensor: with a temporary per operation and a `cat` (as before) this took twice as
+    long on CPU (fresh large buffers fault their pages in)."""
+    width = d_act_RF.shape[-1]
+    gate, up = h_R2F[:, :width], h_R2F[:, width:]
+    acc = torch.promote_types(h_R2F.dtype, d_act_RF.dtype)  # as the out-of-place products would be
+    dh_R2F = h_R2F.new_empty(h_R2F.shape, dtype=acc)
+    d_gate, d_up = dh_R2F[:, :width], dh_R2F[:, width:]
+    # copy_ then in place, not `out=` slices: dynamo refuses non-contiguous `out=` tensors.
+    d_up.copy_(d_act_RF).mul_(gate).mul_(sig_RF)
+    silu_grad = torch.rsub(sig_RF.to(acc), 1).mul_(gate).add_(1).mul_(sig_RF)
+    d_gate.copy_(d_act_RF).mul_(up).mul_(silu_grad)
+    return dh_R2F
 
 
 class _GatedSwiGLU(torch.autograd.Function):
@@ -34,11 +51,10 @@ class _GatedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_a_RF: torch.Tensor):
         h_R2F, gates_R = ctx.saved_tensors
-        width = h_R2F.shape[-1] // 2
-        act = F.silu(h_R2F[:, :width]) * h_R2F[:, width:]
+        act, sig = swiglu_activation(h_R2F)
         acc = torch.promote_types(gates_R.dtype, torch.float32)  # at least float32 for the sum over F
         d_gates = (d_a_RF * act).sum(dim=-1, dtype=acc).to(gates_R.dtype)
-        return swiglu_backward(h_R2F, d_a_RF * gates_R[:, None]), d_gates
+        return swiglu_backward(h_R2F, d_a_RF * gates_R[:, None], sig), d_gates
 
 
 class _FusedGatedSwiGLU(torch.autograd.Function):
