@@ -287,7 +287,7 @@ def test_gpu_grouped_backend_within_its_error_model(g, E, K, dtype):
                    (ExpertBank(E, D, F).cuda().to(dtype), lambda b_, x_, g_: experts_grouped(b_, x_, d, g_))):
         if b is not bank:
             b.load_state_dict(bank.state_dict())
-        x_in = x.to(b.w2_EFD.dtype).requires_grad_()
+        x_in = x.to(b.w2_EFD.dtype, copy=True).requires_grad_()  # a fresh leaf for each backend
         y = run(b, x_in, gates.to(b.w2_EFD.dtype))
         y.backward(dy.to(y.dtype))
         results.append((y.detach(), x_in.grad, b.w13_EDF2.grad, b.w2_EFD.grad))
