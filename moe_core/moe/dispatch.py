@@ -32,6 +32,8 @@ from fractions import Fraction
 
 import torch
 
+from moe_core.moe.fused import fused_kernels_available
+
 
 def capacity(capacity_factor: float | tuple[int, int], num_tokens: int, top_k: int, num_experts: int) -> int:
     """C = ceil(CF * T * k / n): the most pairs one expert may take in a micro-batch.
@@ -141,7 +143,12 @@ def sort_with_overflow(ids_TK: torch.Tensor, num_experts: int, cap: int) -> tupl
 
 def _sum_pairs(rows_PD: torch.Tensor, row_P: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Each token's sum over its K rows: back to slot-major order by a gather, then a sum over
-    slots. Deterministic (no atomics); accumulates in float32 for low-precision rows."""
+    slots. Deterministic (no atomics); accumulates in float32 for low-precision rows. On CUDA in
+    eager mode one Triton kernel does both without the gathered copy (`triton_combine.py`)."""
+    if fused_kernels_available(rows_PD):
+        from moe_core.moe.triton_combine import combine_rows
+
+        return combine_rows(rows_PD, row_P, num_tokens)
     return rows_PD.index_select(0, row_P).view(-1, num_tokens, rows_PD.shape[-1]).sum(dim=0)
 
 

@@ -6,11 +6,10 @@ Shape legend: R rows (pairs), F expert width; h_R2F holds [gate | up] side by si
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 import torch.nn.functional as F
+
+from moe_core.moe.fused import fused_kernels_available
 
 
 def swiglu_activation(h_R2F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,20 +74,9 @@ class _FusedGatedSwiGLU(torch.autograd.Function):
         return swiglu_backward_fused(h_R2F, gates_R, d_a_RF)
 
 
-def fused_kernels_available(t: torch.Tensor) -> bool:
-    """The Triton kernels run on CUDA tensors in eager mode (under torch.compile, inductor fuses
-    the plain version by itself)."""
-    return t.device.type == "cuda" and not torch.compiler.is_compiling() and _triton_installed()
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def gated_swiglu(h_R2F: torch.Tensor, gates_R: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
     """silu(h[:, :F]) * h[:, F:] * gates[:, None], with a hand-written backward; `fused` picks the
-    Triton kernels (default: where `fused_kernels_available`)."""
+    Triton kernels (default: where `fused.fused_kernels_available`)."""
     if fused is None:
         fused = fused_kernels_available(h_R2F)
     return (_FusedGatedSwiGLU if fused else _GatedSwiGLU).apply(h_R2F, gates_R)

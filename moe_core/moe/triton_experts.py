@@ -14,13 +14,14 @@ Design (after ScatterMoE, Tan et al. 2024):
                     the gate and up columns [j] and [F + j] in two accumulators; the epilogue
                     stores h13 (P, 2F) for backward and a = silu(g) * u * gate (P, F).
   `_gemm_kernel`    y_P = a @ w2[e] (contiguous rows).
-  `_combine_kernel` y_T[t] = sum over slots k of y_P[row_P[k * T + t]] (float32 sum, no atomics).
+  `combine_rows`    y_T[t] = sum over slots k of y_P[row_P[k * T + t]] (`triton_combine.py`: float32
+                    sum, no atomics).
 - Backward:
   `_dh_kernel`      dA = dy[token_P] @ w2[e]^T (dy rows read through token_P); the epilogue
                     loads h13 and writes dh13 = SwiGLU'(h13) * dA * gate (P, 2F), and per-row
                     partial sums of dA * silu(g) * u (the gate gradient) into a small float32
                     (P, cdiv(F, MIN_BLOCK_N)) buffer, summed afterwards (no atomics).
-  `_gemm_kernel`    dx_P = dh13 @ w13[e]^T, then `_combine_kernel` to tokens.
+  `_gemm_kernel`    dx_P = dh13 @ w13[e]^T, then `combine_rows` to tokens.
   `_wgrad_kernel`   dw13[e] = x[token_P]^T @ dh13 and dw2[e] = a^T @ dy[token_P] (x and dy rows
                     read through token_P): one program per (weight tile, expert), looping over
                     the expert's rows, the busiest experts first; an expert without rows gets
@@ -44,6 +45,7 @@ import triton
 import triton.language as tl
 
 from moe_core.moe.dispatch import Dispatch
+from moe_core.moe.triton_combine import combine_rows
 
 # Triton's CPU interpreter computes tl.dot of bfloat16 operands wrongly (Triton 3.9: errors of
 # 1e10 on a 16x16 product); under it, operands are widened to float32 before the dot. Compiled
@@ -56,7 +58,7 @@ BLOCK_M = 16 if INTERPRETED else 64
 
 # GPU autotuning candidates (H100), keyed by the problem dims (and, by Triton, the dtypes). Every
 # config was compiled for sm_90 at D = 1024, F in {128, 256, 512, 1024, 4096}, bf16 and fp32
-# (`sm90_resource_report`): none left spills registers or needs over 227 KB of shared memory for
+# (`bench/triton_sm90.py`): none left spills registers or needs over 227 KB of shared memory for
 # the operand widths it is marked for (16: bf16/fp16, 32: float32, whose IEEE dots run on CUDA
 # cores and hold more registers); the others were dropped.
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, operand bits)
@@ -69,7 +71,6 @@ _DH = [(64, 64, 4, 4, (16, 32)), (64, 64, 8, 3, (16, 32)), (128, 64, 8, 3, (16, 
 # (BLOCK_K, BLOCK_N, BLOCK_M rows per step, num_warps, num_stages, operand bits)
 _WGRAD = [(64, 128, 64, 4, 3, (16, 32)), (128, 128, 64, 8, 3, (16, 32)), (128, 64, 64, 4, 4, (16, 32)),
           (128, 256, 64, 8, 3, (16,)), (64, 64, 64, 4, 4, (16, 32))]
-_COMBINE = (16, 256, 4)  # BLOCK_T, BLOCK_N, num_warps: memory bound, one config
 
 
 def _config(kwargs, warps=4, stages=3, bits=(16, 32)):
@@ -303,22 +304,6 @@ def _wgrad_kernel(
              acc.to(w_ptr.dtype.element_ty), mask=kmask[:, None] & nmask[None, :])
 
 
-@triton.jit
-def _combine_kernel(rows_ptr, row_ptr, out_ptr, T, N, num_slots, stride_r, stride_o,
-                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[t] = sum over slots k of rows[row[k * T + t]], in float32, slots in order."""
-    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tmask, cmask = toks < T, cols < N
-    acc = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)
-    for k in range(0, num_slots):
-        r = tl.load(row_ptr + k * T + toks, mask=tmask, other=0).to(tl.int64)
-        acc += tl.load(rows_ptr + r[:, None] * stride_r + cols[None, :], mask=tmask[:, None] & cmask[None, :],
-                       other=0.0).to(tl.float32)
-    tl.store(out_ptr + toks.to(tl.int64)[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=tmask[:, None] & cmask[None, :])
-
-
 # -- launchers ----------------------------------------------------------------------------------
 def num_row_tiles(num_pairs: int, num_experts: int, block_m: int = BLOCK_M) -> int:
     """Static bound on the row tiles of any routing: an expert with c rows takes ceil(c / BLOCK_M)
@@ -388,18 +373,6 @@ def _wgrad(a, a_idx, g, g_idx, offsets_E: torch.Tensor, order: torch.Tensor) -> 
     return w
 
 
-def _combine(rows_PN: torch.Tensor, row_P: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Each token's sum over its K rows (as `dispatch._sum_pairs`), without the gathered copy."""
-    P, N = rows_PN.shape
-    out = rows_PN.new_empty(num_tokens, N)
-    if num_tokens and N:
-        bt, bn, w = _COMBINE
-        _combine_kernel[(triton.cdiv(num_tokens, bt), triton.cdiv(N, bn))](
-            rows_PN, row_P, out, num_tokens, N, P // num_tokens, rows_PN.stride(0), out.stride(0),
-            BLOCK_T=bt, BLOCK_N=bn, num_warps=w)
-    return out
-
-
 # -- the op: forward and backward as custom ops, joined by register_autograd --------------------
 @torch.library.custom_op("moe_sweep::triton_experts", mutates_args=())
 def triton_experts_op(
@@ -419,7 +392,7 @@ def triton_experts_op(
             x_TD, token_P, w13, gates_P, h13, a, tiles, M, x_TD.shape[1], F, x_TD.stride(0), *w13.stride(),
             h13.stride(0), a.stride(0), BLOCK_M=BLOCK_M, **_flags(x_TD))
     y_PD = _gemm(a, w2, tiles)
-    return _combine(y_PD, row_P, x_TD.shape[0]), h13, a, tiles
+    return combine_rows(y_PD, row_P, x_TD.shape[0]), h13, a, tiles
 
 
 @triton_experts_op.register_fake
@@ -448,7 +421,7 @@ def triton_experts_backward_op(
             dy_TD, token_P, w2, gates_P, h13, dh13, parts, tiles, M, x_TD.shape[1], F, num_parts,
             dy_TD.stride(0), *w2.stride(), h13.stride(0), MIN_BLOCK_N=MIN_BLOCK_N, BLOCK_M=BLOCK_M, **_flags(x_TD))
     d_gates = parts.sum(dim=1).to(gates_P.dtype)
-    dx_TD = _combine(_gemm(dh13, w13.transpose(1, 2), tiles), row_P, x_TD.shape[0])
+    dx_TD = combine_rows(_gemm(dh13, w13.transpose(1, 2), tiles), row_P, x_TD.shape[0])
     order = expert_order(offsets_E, P)
     dw13 = _wgrad(x_TD, token_P, dh13, None, offsets_E, order)
     dw2 = _wgrad(a, None, dy_TD, token_P, offsets_E, order)
@@ -483,104 +456,3 @@ def experts_triton(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, disp
     y_TD, _, _, _ = triton_experts_op(x_TD, gates_P.to(x_TD.dtype), w13, w2, dispatch.token_P, dispatch.row_P,
                                       dispatch.offsets_E)
     return y_TD
-
-
-# -- ahead-of-time resource check ---------------------------------------------------------------
-_KERNELS = ("_up_kernel", "_gemm_kernel", "_dh_kernel", "_wgrad_kernel", "_combine_kernel")
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
-
-
-def _captured_launches(x_TD, w13, w2, num_pairs):
-    """Run forward and backward on meta tensors with every launch recorded, not run:
-    [(kernel name, kernel, positional args, keyword args)]."""
-    launches = []
-
-    class Capture:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.name, self.kernel, args, kwargs))
-
-    saved = {name: globals()[name] for name in _KERNELS}
-    globals().update({name: Capture(name, k) for name, k in saved.items()})
-    try:
-        E, T = w13.shape[0], x_TD.shape[0]
-        token_P = torch.arange(num_pairs, device="meta") % T
-        offsets_E = torch.empty(E, device="meta", dtype=torch.int32)
-        gates_P = x_TD.new_empty(num_pairs)
-        y, h13, a, tiles = triton_experts_op._init_fn(x_TD, gates_P, w13, w2, token_P, token_P, offsets_E)
-        triton_experts_backward_op._init_fn(y, x_TD, gates_P, w13, w2, token_P, token_P, offsets_E, tiles, h13, a)
-    finally:
-        globals().update(saved)
-    return launches
-
-
-def _compile_sm90(jit_fn, args, kwargs, config, num_warps=4):
-    """Compile one launch for sm_90 with the runtime's specialisation (ints equal to 1 become
-    constants, multiples of 16 and tensors get 16-divisibility) and read its resource usage."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
-
-    values = dict(zip(jit_fn.arg_names, args), **kwargs, **(config.kwargs if config else {}))
-    sig, consts, attrs = {}, {}, {}
-    for i, p in enumerate(jit_fn.params):
-        v = values[p.name]
-        if p.is_constexpr:
-            sig[p.name], consts[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name], attrs[(i,)] = "*" + _TYPES[v.dtype], [["tt.divisibility", 16]]
-        else:
-            kind, attr = native_specialize_impl(BaseBackend, v, False, True, True)
-            sig[p.name] = kind
-            if kind == "constexpr":
-                consts[p.name] = attr
-            elif attr == "D":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {"num_warps": num_warps}
-    src = triton.compiler.ASTSource(fn=jit_fn, signature=sig, constexprs=consts, attrs=attrs)
-    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cc.asm["cubin"])
-        f.flush()
-        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    num = {k: int(re.search(rf"{k}:(\d+)", res).group(1)) for k in ("REG", "STACK", "LOCAL")}
-    return num["REG"], num["STACK"] + num["LOCAL"], cc.metadata.shared
-
-
-def sm90_resource_report(d_model: int = 1024, widths=(128, 256, 512, 1024, 4096), dtype=torch.bfloat16,
-                         num_tokens: int = 4096, num_experts: int = 8, top_k: int = 2):
-    """Compile every kernel launch of forward and backward, for every GPU config, for sm_90 (an
-    H100) on a machine without a GPU (run without TRITON_INTERPRET) and yield (launch, width F,
-    config, registers, spilled bytes (STACK + LOCAL), shared memory bytes) for each. The shapes
-    are meta tensors; only the dims, dtypes and strides matter."""
-    assert not INTERPRETED, "compiling needs TRITON_INTERPRET unset"
-    combined = False
-    for F in widths:
-        x = torch.empty(num_tokens, d_model, device="meta", dtype=dtype)
-        w13 = torch.empty(num_experts, d_model, 2 * F, device="meta", dtype=dtype)
-        w2 = torch.empty(num_experts, F, d_model, device="meta", dtype=dtype)
-        names = ["up", "down", "combine", "dh", "dx", "combine", "dw13", "dw2"]
-        for name, (_, kernel, args, kwargs) in zip(names, _captured_launches(x, w13, w2, num_tokens * top_k)):
-            if isinstance(kernel, triton.runtime.Autotuner):
-                configs = kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)))
-                jit_fn = kernel.fn
-                heuristics = {}
-                if isinstance(jit_fn, triton.runtime.Heuristics):
-                    heuristics, jit_fn = jit_fn.values, jit_fn.fn
-                for c in configs:
-                    vals = dict(zip(jit_fn.arg_names, args), **kwargs, **c.kwargs)
-                    extra = {k: h(vals) for k, h in heuristics.items()}
-                    cfg = (c.kwargs.get("BLOCK_M", kwargs.get("BLOCK_M")), c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                           c.num_warps, c.num_stages)
-                    yield (name, F, cfg, *_compile_sm90(jit_fn, args, {**kwargs, **extra}, c))
-            elif (name, F) == ("combine", widths[0]) and not combined:  # one config, any F
-                combined = True
-                consts = {k: v for k, v in kwargs.items() if k != "num_warps"}
-                yield (name, F, (kwargs["BLOCK_T"], kwargs["BLOCK_N"], kwargs["num_warps"]),
-                       *_compile_sm90(kernel, args, consts, None, kwargs["num_warps"]))

@@ -1,0 +1,106 @@
+"""The combine (each token's sum over its K rows) and the gather's backward: the fused Triton
+kernel that CUDA uses in eager mode against the plain gather-and-sum, outputs and gradients.
+
+On CPU the kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1); the fused
+path is forced where `fused_kernels_available` would pick it on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moe_core.moe import dispatch  # noqa: E402
+from moe_core.moe.dispatch import combine, gather_rows, sort_by_expert  # noqa: E402
+from moe_core.moe.triton_combine import BLOCK_N, BLOCK_T, combine_rows  # noqa: E402
+from moe_core.moe.triton_experts import INTERPRETED  # noqa: E402
+
+
+def _dispatch(T: int, K: int, E: int, cap: int | None = None, seed: int = 0, device: str = "cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K]  # K distinct experts per token
+    return sort_by_expert(ids.to(device), E, cap)
+
+
+def _plain(rows_PN: torch.Tensor, d) -> torch.Tensor:
+    """What the combine means: token t gets the sum of the rows whose token is t."""
+    return torch.zeros(d.num_tokens, rows_PN.shape[1], dtype=torch.float64).index_add_(
+        0, d.token_P, rows_PN.double())
+
+
+def _slot_order_sum(rows_PN: torch.Tensor, d) -> torch.Tensor:
+    """The kernel's arithmetic: float32, slot 0 first, then each slot in turn."""
+    acc = torch.zeros(d.num_tokens, rows_PN.shape[1], device=rows_PN.device)
+    for slot in rows_PN.float().index_select(0, d.row_P).view(-1, d.num_tokens, rows_PN.shape[1]):
+        acc += slot
+    return acc
+
+
+def _to_bfloat16_as_triton_does(x: torch.Tensor) -> torch.Tensor:
+    """Compiled Triton rounds float32 to bfloat16 to nearest, as torch does; Triton's CPU
+    interpreter truncates (Triton 3.9: 1 + 3 * 2**-9 becomes 1.0, not 1.0078125)."""
+    if not INTERPRETED:
+        return x.bfloat16()
+    return (x.view(torch.int32) & -65536).view(torch.float32).bfloat16()
+
+
+# Partial tiles in both directions (T, N not multiples of BLOCK_T, BLOCK_N) and several tiles.
+@pytest.mark.parametrize("T, K, N", [(BLOCK_T + 5, 3, BLOCK_N + 44), (9, 1, 24), (2 * BLOCK_T, 8, 16)])
+def test_fused_combine_equals_the_sum_of_each_tokens_rows(T, K, N):
+    d = _dispatch(T, K, max(K, 5))
+    rows = torch.randn(T * K, N, dtype=torch.float32)
+    out = combine_rows(rows, d.row_P, T)
+    torch.testing.assert_close(out, _slot_order_sum(rows, d), rtol=0, atol=0)
+    torch.testing.assert_close(out.double(), _plain(rows, d), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_combine_sums_low_precision_rows_in_float32_and_rounds_once():
+    T, K, N = 16, 8, 32
+    d = _dispatch(T, K, 8)
+    rows = torch.randn(T * K, N).bfloat16()
+    out = combine_rows(rows, d.row_P, T)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, _to_bfloat16_as_triton_does(_slot_order_sum(rows, d)), rtol=0, atol=0)
+
+
+def test_fused_combine_takes_any_layout_of_rows():
+    """A gradient can reach the gather's backward expanded (stride 0) or transposed."""
+    T, K, N = 6, 2, 5
+    d = _dispatch(T, K, 3)
+    expanded = torch.ones(1, 1).expand(T * K, N)
+    torch.testing.assert_close(combine_rows(expanded, d.row_P, T), torch.full((T, N), float(K)))
+    transposed = torch.randn(N, T * K).t()
+    torch.testing.assert_close(combine_rows(transposed, d.row_P, T), _slot_order_sum(transposed, d), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cap", [None, 4])
+def test_gather_and_combine_give_the_same_values_and_gradients_fused_or_plain(cap, monkeypatch):
+    T, K, E, D = 21, 3, 6, 40
+    d = _dispatch(T, K, E, cap)
+    x = torch.randn(T, D)
+    g_PD = torch.randn(T * K, D)
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setattr(dispatch, "fused_kernels_available", lambda t, fused=fused: fused)
+        x_in = x.clone().requires_grad_()
+        rows = gather_rows(x_in, d) * g_PD  # the combine's input: a function of the gathered rows
+        y = combine(rows, d)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        results[fused] = (y.detach(), x_in.grad)
+    for plain, fused in zip(results[False], results[True]):
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_fused_combine_on_the_gpu_rounds_the_slot_order_float32_sum_to_nearest():
+    """Compiled, at the layer bench's size: bit for bit the float32 sum in slot order rounded
+    once to nearest, and what `combine` (which picks the kernel on CUDA) gives."""
+    T, K, N = 4096, 8, 1024
+    d = _dispatch(T, K, 64, device="cuda")
+    rows = torch.randn(T * K, N, device="cuda").bfloat16()
+    out = combine_rows(rows, d.row_P, T)
+    assert torch.equal(out, _slot_order_sum(rows, d).bfloat16())
+    assert torch.equal(combine(rows, d), out)
