@@ -6,11 +6,15 @@ backend (`moe.backend`, see moe_core/moe/experts.py). Each line prints medians, 
 median of per-repeat ratios:
 
     floor     g=1/8   n=   64 k=  8  dense     2.74 ms  floor     3.15 ms  1.15x
+    router    g=1/8   n=   64 k=  8  dense     2.74 ms  alone      0.20 ms  0.07x  floor 0.06x
     grouped   g=1/8   n=   64 k=  8  dense     2.74 ms  moe       8.08 ms  2.95x  floor 2.57x
 
 The FLOOR is the expert GEMMs alone: `torch._grouped_mm` forward and backward of both projections
 (with the plain SwiGLU between them, as the dense FFN has) on P = T * k rows already sorted by expert
-and perfectly balanced; no router, no gather, no gate, no combine. Experts go in static chunks of at
+and perfectly balanced; no router, no gather, no gate, no combine. The ROUTER line times the
+router alone (float32 logits, softmax; forward and backward): what a backend cannot fuse away,
+and at many experts no small part of the layer (at n = 1024 its matmul is a twelfth of the
+experts' FLOPs, in float32). Experts go in static chunks of at
 most 1,023 groups per call (the CUDA kernel's limit), so n = 1024 works. Where `torch._grouped_mm`
 is not usable (see `grouped_mm_usable`) the project's `grouped_matmul` (its per-group loop) stands in.
 
@@ -36,8 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from moe_core import ExpertSetConfig, ModelConfig, MoEConfig, build_model
+from moe_core.config import RouterConfig
 from moe_core.layers import SwiGLU
 from moe_core.moe.grouped_gemm import grouped_matmul, grouped_mm_usable
+from moe_core.moe.router import Router
 
 POINTS = [("1", 8), ("1/4", 32), ("1/8", 64), ("1/8", 256), ("1/16", 1024)]
 # torch._grouped_mm's CUDA kernel checks `group_count < 1024`.
@@ -106,6 +112,21 @@ def floor_step(tokens: int, d_model: int, d_ff: int, g: str, n: int, device, dty
         torch.autograd.backward(outs, grads)
 
     step.impl = "torch._grouped_mm" if raw else "grouped_matmul (loop)"
+    return step
+
+
+def router_step(x: torch.Tensor, n: int, grad_scale: float = 1e-3):
+    """The router alone, forward and backward (float32 logits and softmax, as every MoE point
+    has): the part of an MoE layer the floor leaves out besides the gather, gate and combine."""
+    router = Router(x.shape[1], ((n, 1),), RouterConfig()).to(x.device)
+    torch.nn.init.normal_(router.weight_ND, std=0.02)
+    grad = torch.randn(x.shape[0], n, device=x.device) * grad_scale
+
+    def step():
+        for p in (x, router.weight_ND):
+            p.grad = None
+        router(x)[1].backward(grad)
+
     return step
 
 
@@ -207,6 +228,7 @@ def main() -> None:
     ap.add_argument("--points", default=None, help="comma list of g:n, e.g. 1/8:64,1/16:1024 (default: "
                     + ",".join(f"{g}:{n}" for g, n in POINTS) + ")")
     ap.add_argument("--no-floor", action="store_true", help="skip the grouped-GEMM floor")
+    ap.add_argument("--no-router", action="store_true", help="skip timing the router alone")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
@@ -236,6 +258,8 @@ def main() -> None:
                 cases["floor"] = floor_step(args.tokens, args.d_model, args.d_ff, g, n, device, dtype)
             except Exception as exc:  # noqa: BLE001
                 errors["floor"] = _error(exc)
+        if not args.no_router:
+            cases["router"] = router_step(x, n)
         for path in paths:
             try:
                 torch.manual_seed(0)  # the same weights, so the same routing, for every backend
@@ -257,6 +281,10 @@ def main() -> None:
                       f"{_ratio(floor, times['dense']):.2f}x{impl}", flush=True)
             else:
                 print(f"{'floor':9s} {head}  ERROR {errors.get('floor', 'no timings')}", flush=True)
+        if "router" in times and "router" not in errors:
+            vs_floor = f"  floor {_ratio(times['router'], floor):.2f}x" if floor else ""
+            print(f"{'router':9s} {head}  dense {t_dense:8.{prec}f} ms  alone  {statistics.median(times['router']):8.{prec}f} ms  "
+                  f"{_ratio(times['router'], times['dense']):.2f}x{vs_floor}", flush=True)
         for path in paths:
             if path in errors:
                 print(f"{path:9s} {head}  ERROR {errors[path]}", flush=True)

@@ -128,11 +128,13 @@ class MoEFFN(nn.Module):
         logits_TN, scores_TN = router(x_TD)
         ids_TK, gates_TK = self._route(scores_TN)
 
-        y_TD = torch.zeros_like(x_TD) if self.shared is None else self.shared(x_TD)
+        # No zero tensor to add the first term to: a pass over (T, D) saved, the same values.
+        y_TD = None if self.shared is None else self.shared(x_TD)
         routed, kept, defaulted = [], [], []
         for s, cols, bank in zip(self.sets, self.slot_cols, pool.sets):
             local_TK, dispatch = self._dispatch(ids_TK[:, cols] - s.offset, s.num_experts, s.top_k)
-            y_TD = y_TD + self._experts(bank, x_TD, local_TK, gates_TK[:, cols], dispatch)
+            y_set = self._experts(bank, x_TD, local_TK, gates_TK[:, cols], dispatch)
+            y_TD = y_set if y_TD is None else y_TD + y_set
             routed.append(dispatch.routed_E)
             kept.append(dispatch.kept_E)
             if dispatch.default_rows is not None:
