@@ -36,7 +36,7 @@ def trial_row(sweep: str, scale: str, seed: int, **kw) -> dict:
         "sparsity": n / k if k else 1.0, "num_experts": n, "top_k": k, "granularity": g,
         "expert_sets": 0 if layout == "dense" else 1, "expert_width": int(512 * g), "shared_experts": 0,
         "shared_granularity": 0.0, "pool_group_size": None, "router_scoring": None if layout == "dense" else "softmax",
-        "router_block_size": None if layout == "dense" else 1,
+        "router_block_size": None if layout == "dense" else 1, "router_dtype": None if layout == "dense" else "float32",
         "capacity_factor": None, "aux_weight": 0.01, "aux_scope": "micro_batch", "pool_weight": 0.0, "z_weight": 0.001,
         "bias_rate": 0.0, "lr": 1e-3, "batch_tokens": 8192, "train_tokens": 20 * active, "data_source": "synthetic",
         "d_model": 128, "n_layers": 4, "active_params": active, "probe_loss_increase": None,

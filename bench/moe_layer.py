@@ -6,15 +6,16 @@ backend (`moe.backend`, see moe_core/moe/experts.py). Each line prints medians, 
 median of per-repeat ratios:
 
     floor     g=1/8   n=   64 k=  8  dense     2.74 ms  floor     3.15 ms  1.15x
-    router    g=1/8   n=   64 k=  8  dense     2.74 ms  alone      0.20 ms  0.07x  floor 0.06x
+    router    g=1/8   n=   64 k=  8  dense     2.74 ms  alone      0.20 ms  0.07x  floor 0.06x  [float32]
     grouped   g=1/8   n=   64 k=  8  dense     2.74 ms  moe       8.08 ms  2.95x  floor 2.57x
 
 The FLOOR is the expert GEMMs alone: `torch._grouped_mm` forward and backward of both projections
 (with the plain SwiGLU between them, as the dense FFN has) on P = T * k rows already sorted by expert
 and perfectly balanced; no router, no gather, no gate, no combine. The ROUTER line times the
-router alone (float32 logits, softmax; forward and backward): what a backend cannot fuse away,
-and at many experts no small part of the layer (at n = 1024 its matmul is a twelfth of the
-experts' FLOPs, in float32). Experts go in static chunks of at
+router alone (logits and softmax, forward and backward), with its matmul in float32 and, in a
+bfloat16 run, in the compute dtype (`moe.router.dtype`; `--router-dtype` sets the MoE layers'):
+what a backend cannot fuse away, and at many experts no small part of the layer (at n = 1024 its
+matmul is a twelfth of the experts' FLOPs, and float32 runs on a GPU's CUDA cores). Experts go in static chunks of at
 most 1,023 groups per call (the CUDA kernel's limit), so n = 1024 works. Where `torch._grouped_mm`
 is not usable (see `grouped_mm_usable`) the project's `grouped_matmul` (its per-group loop) stands in.
 
@@ -45,6 +46,7 @@ from moe_core.layers import SwiGLU
 from moe_core.moe.grouped_gemm import grouped_matmul, grouped_mm_usable
 from moe_core.moe.router import Router
 
+ROUTER_DTYPES = ("float32", "compute")
 POINTS = [("1", 8), ("1/4", 32), ("1/8", 64), ("1/8", 256), ("1/16", 1024)]
 # torch._grouped_mm's CUDA kernel checks `group_count < 1024`.
 FLOOR_MAX_GROUPS = 1023
@@ -57,13 +59,13 @@ def top_k(g: str) -> int:
     return int(k)
 
 
-def moe_layer(d_model: int, d_ff: int, g: str, n: int, backend: str, device, dtype):
+def moe_layer(d_model: int, d_ff: int, g: str, n: int, backend: str, device, dtype, router_dtype: str = "float32"):
     """One MoE FFN (router + experts) of a one-layer model, as a function x_TD -> y_TD with `.params`.
     Built on the device directly (no host-side init of large expert banks)."""
     cfg = ModelConfig(
         vocab_size=2, d_model=d_model, n_layers=1, n_heads=1, d_ff=d_ff,
         moe=MoEConfig(layout="layerwise", experts=(ExpertSetConfig(num_experts=n, top_k=top_k(g), granularity=g),),
-                      backend=backend),
+                      backend=backend, router=RouterConfig(dtype=router_dtype)),
     )
     with torch.device(device):
         model = build_model(cfg)
@@ -115,10 +117,10 @@ def floor_step(tokens: int, d_model: int, d_ff: int, g: str, n: int, device, dty
     return step
 
 
-def router_step(x: torch.Tensor, n: int, grad_scale: float = 1e-3):
-    """The router alone, forward and backward (float32 logits and softmax, as every MoE point
-    has): the part of an MoE layer the floor leaves out besides the gather, gate and combine."""
-    router = Router(x.shape[1], ((n, 1),), RouterConfig()).to(x.device)
+def router_step(x: torch.Tensor, n: int, router_dtype: str, grad_scale: float = 1e-3):
+    """The router alone, forward and backward (logits' matmul in `router_dtype`, softmax in
+    float32): the part of an MoE layer the floor leaves out besides the gather, gate and combine."""
+    router = Router(x.shape[1], ((n, 1),), RouterConfig(dtype=router_dtype)).to(x.device)
     torch.nn.init.normal_(router.weight_ND, std=0.02)
     grad = torch.randn(x.shape[0], n, device=x.device) * grad_scale
 
@@ -229,6 +231,8 @@ def main() -> None:
                     + ",".join(f"{g}:{n}" for g, n in POINTS) + ")")
     ap.add_argument("--no-floor", action="store_true", help="skip the grouped-GEMM floor")
     ap.add_argument("--no-router", action="store_true", help="skip timing the router alone")
+    ap.add_argument("--router-dtype", default="float32", choices=ROUTER_DTYPES,
+                    help="moe.router.dtype of the MoE layers (the router lines time both)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
@@ -258,12 +262,14 @@ def main() -> None:
                 cases["floor"] = floor_step(args.tokens, args.d_model, args.d_ff, g, n, device, dtype)
             except Exception as exc:  # noqa: BLE001
                 errors["floor"] = _error(exc)
-        if not args.no_router:
-            cases["router"] = router_step(x, n)
+        if not args.no_router:  # the float32 router, and the compute-dtype one where that differs
+            for rd in ROUTER_DTYPES if dtype != torch.float32 else ("float32",):
+                cases[f"router {rd}"] = router_step(x, n, rd)
         for path in paths:
             try:
                 torch.manual_seed(0)  # the same weights, so the same routing, for every backend
-                cases[path] = layer_step(moe_layer(args.d_model, args.d_ff, g, n, path, device, dtype), x, grad)
+                cases[path] = layer_step(moe_layer(args.d_model, args.d_ff, g, n, path, device, dtype,
+                                                   args.router_dtype), x, grad)
             except Exception as exc:  # noqa: BLE001
                 errors[path] = _error(exc)
                 _recover(device)
@@ -281,10 +287,13 @@ def main() -> None:
                       f"{_ratio(floor, times['dense']):.2f}x{impl}", flush=True)
             else:
                 print(f"{'floor':9s} {head}  ERROR {errors.get('floor', 'no timings')}", flush=True)
-        if "router" in times and "router" not in errors:
-            vs_floor = f"  floor {_ratio(times['router'], floor):.2f}x" if floor else ""
-            print(f"{'router':9s} {head}  dense {t_dense:8.{prec}f} ms  alone  {statistics.median(times['router']):8.{prec}f} ms  "
-                  f"{_ratio(times['router'], times['dense']):.2f}x{vs_floor}", flush=True)
+        for name in [c for c in cases if c.startswith("router")]:
+            if name in errors:
+                print(f"{'router':9s} {head}  ERROR {errors[name]}", flush=True)
+                continue
+            vs_floor = f"  floor {_ratio(times[name], floor):.2f}x" if floor else ""
+            print(f"{'router':9s} {head}  dense {t_dense:8.{prec}f} ms  alone  {statistics.median(times[name]):8.{prec}f} ms  "
+                  f"{_ratio(times[name], times['dense']):.2f}x{vs_floor}  [{name.split()[1]}]", flush=True)
         for path in paths:
             if path in errors:
                 print(f"{path:9s} {head}  ERROR {errors[path]}", flush=True)

@@ -10,6 +10,7 @@ Variants: dense, MoE g=1/4 n=32 k=4 and MoE g=1/8 n=64 k=8 (k * g = 1: the dense
                                                          # bf16 autocast (what the trainer does on CUDA),
                                                          # eager and compiled
     python bench/train_throughput.py --device cuda --backend triton --modes eager
+    python bench/train_throughput.py --device cuda --router-dtype compute   # router matmul in bf16
 
 Prints a line per (mode, variant) with tokens/s and MFU (and, compiled, the graphs dynamo compiled,
 recompiles and graph breaks), then `ratio` lines: each MoE's tokens/s over dense's, per mode.
@@ -53,10 +54,10 @@ def trial(args: argparse.Namespace, moe: dict, compiled: bool) -> TrialConfig:
     })
 
 
-def variants(backend: str, points: list[tuple[str, int, int]]) -> dict[str, dict]:
+def variants(backend: str, points: list[tuple[str, int, int]], router_dtype: str = "float32") -> dict[str, dict]:
     out = {"dense": {}}
     for g, n, k in points:
-        out[f"moe g={g} n={n} k={k}"] = {"layout": "layerwise", "backend": backend,
+        out[f"moe g={g} n={n} k={k}"] = {"layout": "layerwise", "backend": backend, "router": {"dtype": router_dtype},
                                          "experts": [{"num_experts": n, "top_k": k, "granularity": g}]}
     return out
 
@@ -118,6 +119,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="same as --modes eager,compiled")
     ap.add_argument("--backend", default="auto", help="moe.backend of the MoE variants (default auto)")
     ap.add_argument("--points", help="comma list of g:n:k MoE points (default 1/4:32:4,1/8:64:8)")
+    ap.add_argument("--router-dtype", default="float32", choices=["float32", "compute"],
+                    help="moe.router.dtype of the MoE variants (default float32)")
     ap.add_argument("--recompile-limit", type=int, help="torch._dynamo's recompile limit in compiled mode "
                     "(default: torch's, 8); each recompile of the model costs a full compile")
     args = ap.parse_args()
@@ -141,11 +144,12 @@ def main() -> None:
                 setattr(dynamo_config, key, args.recompile_limit)
                 break
     data = prepare_tokens(DataConfig(source="bible", tokenizer="bpe", bpe_vocab_size=args.vocab))
-    runs = variants(args.backend, parse_points(args.points))
+    runs = variants(args.backend, parse_points(args.points), args.router_dtype)
     amp = "bf16 autocast" if args.device == "cuda" else "fp32"
     print(f"{args.device} {amp} d={args.d_model} layers={args.layers} heads={args.heads}/{args.kv_heads} "
           f"d_ff={args.d_ff} seq={args.seq_len} tokens/step={args.batch_tokens} micro={args.micro_batch} "
           f"vocab={args.vocab} steps={args.steps} (skip {skip}) rounds={args.rounds} backend={args.backend} "
+          f"router={args.router_dtype} "
           f"torch {torch.__version__}", flush=True)
 
     for mode in modes:

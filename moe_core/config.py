@@ -108,12 +108,17 @@ class ExpertSetConfig(StrictConfig):
 
 
 class RouterConfig(StrictConfig):
-    """How a layer scores experts. Router math always runs in float32."""
+    """How a layer scores experts. Everything after the logits runs in float32."""
 
     scoring: Literal["softmax", "sigmoid", "norm"] = "softmax"
     renormalize: bool = False  # divide the chosen gates by their sum (Mixtral style)
     block_size: PositiveInt = 1  # PathMoE: MoE layer i uses router i // block_size
     norm_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-6
+    # The logits' matmul: `float32` (exact products) or `compute` (the autocast dtype, bf16 on
+    # GPUs, as Mixtral/OLMoE and Megatron's default route). On a GPU a float32 matmul runs on
+    # the CUDA cores, about a tenth of the tensor cores' rate: at 1,024 experts the router then
+    # costs about what the experts do (its FLOPs are a twelfth of theirs).
+    dtype: Literal["float32", "compute"] = "float32"
 
     @model_validator(mode="after")
     def _check(self) -> "RouterConfig":

@@ -62,7 +62,7 @@ TRIALS_SCHEMA: dict[str, pa.DataType] = {
     "trial_id": _S, "sweep": _S, "status": _S, "scale": _S, "seed": _I, "method": _S,
     "layout": _S, "sparsity": _F, "num_experts": _I, "top_k": _I, "granularity": _F, "expert_sets": _I,
     "expert_width": _I, "shared_experts": _I, "shared_granularity": _F, "pool_group_size": _I,
-    "router_scoring": _S, "router_block_size": _I, "capacity_factor": _F, "overflow": _S, "aux_weight": _F, "aux_scope": _S,
+    "router_scoring": _S, "router_block_size": _I, "router_dtype": _S, "capacity_factor": _F, "overflow": _S, "aux_weight": _F, "aux_scope": _S,
     "pool_weight": _F, "z_weight": _F, "bias_rate": _F, "d_model": _I, "n_layers": _I, "n_heads": _I,
     "d_ff": _I, "vocab_size": _I, "seq_len": _I, "lr": _F, "batch_tokens": _I, "schedule": _S,
     "data_source": _S, "tokenizer": _S,
@@ -113,6 +113,7 @@ def resolved_columns(config: dict[str, Any]) -> dict[str, Any]:
         "pool_group_size": moe.get("pool_group_size"),
         "router_scoring": router.get("scoring", "softmax") if sets else None,
         "router_block_size": router.get("block_size", 1) if sets else None,
+        "router_dtype": router.get("dtype", "float32") if sets else None,
         "capacity_factor": moe.get("capacity_factor"),
         # what happens to tokens over capacity: `drop` or `default_expert`; null when dropless
         "overflow": moe.get("overflow", "drop") if moe.get("capacity_factor") is not None else None,

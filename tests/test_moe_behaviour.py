@@ -126,6 +126,36 @@ def test_cpu_autocast_runs_the_fast_path_in_bfloat16():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "compute"])
+def test_router_logits_matmul_runs_in_the_configured_dtype_and_the_rest_in_float32(dtype):
+    from moe_core.config import RouterConfig
+    from moe_core.moe.router import Router
+
+    router = Router(32, ((8, 2),), RouterConfig(dtype=dtype))
+    torch.nn.init.normal_(router.weight_ND, std=0.3)
+    x = torch.randn(10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, scores = router(x)
+    assert logits.dtype == scores.dtype == torch.float32
+    operands = torch.float32 if dtype == "float32" else torch.bfloat16
+    expected = (x.to(operands) @ router.weight_ND.to(operands).t()).float()
+    assert torch.equal(logits, expected)
+    assert torch.equal(scores, expected.softmax(dim=-1))
+    # Without autocast the compute dtype is x's: a float32 model routes the same either way.
+    assert torch.equal(router(x)[0], x @ router.weight_ND.t())
+
+
+def test_compute_dtype_router_is_the_float32_router_in_a_float32_model():
+    moe = {"layout": "layerwise", "experts": [experts(8, 2, "1/2")]}
+    idx, targets = _batch()
+    losses = []
+    for dtype in ("float32", "compute"):
+        torch.manual_seed(0)
+        model = build_model(tiny({**moe, "router": {"dtype": dtype}}))
+        losses.append(model(idx, targets).loss)
+    assert torch.equal(losses[0], losses[1])
+
+
 def test_the_fast_paths_backward_refuses_double_backward():
     model = build_model(tiny({"layout": "layerwise", "experts": [experts(4, 2, "1/2")]}))
     loss = model(*_batch()).loss

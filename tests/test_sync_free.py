@@ -25,6 +25,7 @@ LAYOUTS = {
     "pathmoe": {"layout": "layerwise", "experts": [experts(8, 2, "1/2")], "router": {"block_size": 2},
                 "balance": {"aux_weight": 0.0, "bias_rate": 0.01}},
     "global_aux": {"layout": "layerwise", "experts": [experts(8, 2, "1/2")], "balance": {"aux_scope": "global_batch"}},
+    "router_compute_dtype": {"layout": "layerwise", "experts": [experts(8, 2, "1/2")], "router": {"dtype": "compute"}},
 }
 
 
@@ -163,20 +164,23 @@ def test_thousands_of_experts_train(num_experts):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["layerwise", "unipool", "hetero_shared"])
+@pytest.mark.parametrize("name", ["layerwise", "unipool", "hetero_shared", "router_compute_dtype"])
 def test_moe_ffn_compiles_as_one_graph(name):
-    """fullgraph=True: no graph break anywhere in routing, dispatch, experts or statistics."""
+    """fullgraph=True: no graph break anywhere in routing, dispatch, experts or statistics (the
+    compute-dtype router under bfloat16 autocast, where its dtype is the autocast one)."""
     model = build_model(tiny({**LAYOUTS[name], "capacity_factor": 1.25}))  # backend auto
     ffn = model.blocks[1].ffn
     router, pool = model.routers[ffn.router], model.pools[ffn.pool]
     compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 16, 32)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "router_compute_dtype")
     grads = []
     for fn in (compiled, lambda *a: ffn(*a)):
         model.zero_grad()
         xi = x.clone().requires_grad_()
-        y, routing = fn(xi, router, pool)
-        (y.square().sum() + routing.aux).backward()
+        with autocast:
+            y, routing = fn(xi, router, pool)
+        (y.float().square().sum() + routing.aux).backward()
         grads.append([y.detach(), xi.grad, router.weight_ND.grad, *(p.grad for p in pool.parameters())])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -2,7 +2,8 @@
 
 Shape legend: T tokens, D model dim, N routed experts (all sets), K chosen experts per token.
 Router math runs in float32 whatever the autocast dtype: the gates and balance statistics are
-small but their rounding steers which expert a token reaches.
+small but their rounding steers which expert a token reaches. The logits' matmul may instead run
+in the compute dtype (`RouterConfig.dtype: compute`), its result taken to float32 at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_core.config import RouterConfig
+from moe_core.moe.experts import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits_TN, scores_TN), both float32."""
+        dtype = torch.float32 if self.cfg.dtype == "float32" else compute_dtype(x_TD)
         with torch.autocast(x_TD.device.type, enabled=False):
-            logits = x_TD.float() @ self.weight_ND.float().t()
+            logits = (x_TD.to(dtype) @ self.weight_ND.to(dtype).t()).float()
             if self.cfg.scoring == "softmax":
                 scores = logits.softmax(dim=-1)
             elif self.cfg.scoring == "sigmoid":
