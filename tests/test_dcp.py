@@ -9,6 +9,7 @@ import pytest
 from moe_core.train.checkpoint import CheckpointError
 from moe_core.train.loop import train_trial
 from moe_core.trial import TrialConfig
+from tests.deps import require
 from tests.test_fsdp import LAYOUTS, Stop, StopAt, fsdp_trial, losses, train_two_workers
 
 
@@ -64,6 +65,7 @@ def test_a_sharded_checkpoint_of_another_config_or_damaged_is_refused(cache, tmp
 def test_a_sharded_checkpoint_travels_as_a_tune_checkpoint(cache, tmp_path):
     """A one-worker trial's Tune checkpoint is the checkpoint's folder; a retry placed elsewhere
     brings it into its trial folder and resumes from it."""
+    require("ray")
     from ray import tune
 
     from orchestrator.trial_fn import _copy_checkpoint, _restore_tune_checkpoint

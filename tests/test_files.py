@@ -10,6 +10,7 @@ import pytest
 
 from moe_core.devices import gpu_peak_flops
 from moe_core.files import atomic_path, write_json, write_parquet, write_text
+from tests.deps import require
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -43,5 +44,6 @@ def test_gpu_peaks_by_device_name():
 
 
 def test_analysis_and_the_file_helpers_import_without_torch():
+    require("matplotlib")  # analysis.report draws its figures with it
     code = "import sys, moe_core.files, moe_core.devices, analysis.report; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

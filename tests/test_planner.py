@@ -17,6 +17,7 @@ from moe_core.errors import ConfigError
 from orchestrator.cli import main
 from orchestrator.planner import Planner, SweepFile, plan_path, plan_sweep
 from orchestrator.scales import SCALES
+from tests.deps import require
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
@@ -83,6 +84,7 @@ def test_points_resolving_to_one_trial_are_listed_once(tmp_path):
 
 
 def test_random_search_is_seeded_and_sized(tmp_path):
+    require("ray")  # random points are drawn from Tune's search domains
     text = BASE.replace("method: grid", "method: random\ntrials: 7\nsearch_seed: 3")
     params = """\
         train.lr: {distribution: log_uniform, min: 1.0e-4, max: 1.0e-2}
@@ -98,6 +100,7 @@ def test_random_search_is_seeded_and_sized(tmp_path):
 
 
 def test_random_search_draws_from_the_tune_domains_bounds_inclusive(tmp_path):
+    require("ray")
     text = BASE.replace("method: grid", "method: random\ntrials: 60\nsearch_seed: 0")
     params = """\
         train.eval_every: {distribution: int_log_uniform, min: 1, max: 4}
@@ -341,6 +344,7 @@ def test_plan_json(tmp_path, capsys):
 
 
 def test_a_sweep_with_no_feasible_point_is_refused_by_run(tmp_path, capsys):
+    require("ray")  # `moe-sweep run` imports the runner, which needs Ray Tune
     path = sweep(tmp_path, "study.granularity: {values: [1/3, 1/64]}\n")
     assert main(["run", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
