@@ -3,7 +3,7 @@
 # gpu-marked tests, the layer bench against dense and the grouped-GEMM floor, the trainer's
 # MoE/dense throughput (eager and compiled) and the profile (top kernels, host syncs per step).
 #
-#   bash bench/gpu_check.sh                  # all four steps, 540 s in all at most
+#   bash bench/gpu_check.sh                  # all four steps, 520 s in all at most
 #   BUDGET=300 bash bench/gpu_check.sh layer train
 #
 # Run from the project root on a machine with an NVIDIA GPU and moe_core's dependencies (no Ray,
@@ -15,13 +15,13 @@
 #
 # Time: each step gets at most its cap (tests 120 s, layer 150 s, train 300 s, profile 60 s) and
 # never more than leaves the later steps their minimum, so the whole run ends within BUDGET
-# seconds (default 540) plus set-up. Steps run in the order given, which is also their priority.
+# seconds (default 520) plus set-up. Steps run in the order given, which is also their priority.
 set -u
 export PYTHONUNBUFFERED=1
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
 : > "$out/steps.txt"
-budget=${BUDGET:-540}
+budget=${BUDGET:-520}
 deadline=$((SECONDS + budget))
 if [ $# -gt 0 ]; then steps=("$@"); else steps=(tests layer train profile); fi
 for step in "${steps[@]}"; do
