@@ -164,6 +164,32 @@ def test_thousands_of_experts_train(num_experts):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_code_decides_on_the_fused_kernels_inside_the_trace(monkeypatch):
+    """The switch to the Triton kernels (CUDA, eager) is asked inside dynamo's trace, forward and
+    backward (the autograd functions' backward too), where `is_compiling()` holds: a compiled
+    model on a GPU takes the plain ops, which inductor fuses, and never hands fake tensors to a
+    raw Triton launch. Checked on CPU by a switch that fails when asked outside the trace."""
+    from moe_core.moe import dispatch, swiglu
+
+    def switch(t):
+        if not torch.compiler.is_compiling():
+            raise AssertionError("fused_kernels_available asked outside the compiled trace")
+        return False
+
+    monkeypatch.setattr(dispatch, "fused_kernels_available", switch)
+    monkeypatch.setattr(swiglu, "fused_kernels_available", switch)
+    d = sort_by_expert(torch.stack([torch.randperm(4)[:2] for _ in range(8)]), 4)
+
+    def f(x, g):
+        return combine(swiglu.gated_swiglu(gather_rows(x, d), g), d)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x, g = torch.randn(8, 32, requires_grad=True), torch.rand(16, requires_grad=True)
+    for _ in range(2):
+        compiled(x, g).sum().backward()
+    assert x.grad is not None and g.grad is not None
+
+
 @pytest.mark.parametrize("name", ["layerwise", "unipool", "hetero_shared", "router_compute_dtype"])
 def test_moe_ffn_compiles_as_one_graph(name):
     """fullgraph=True: no graph break anywhere in routing, dispatch, experts or statistics (the
