@@ -327,3 +327,23 @@ def test_gpu_grouped_backend_within_its_error_model(g, E, K, dtype):
     assert_within_error_model(dx, dx_ref, dtype, D + 2 * F * K)
     assert_within_error_model(dw13, dw13_ref, dtype, D + rows_per_expert)
     assert_within_error_model(dw2, dw2_ref, dtype, D + rows_per_expert)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_experts_without_rows_get_exactly_zero_weight_gradients():
+    """torch._grouped_mm may leave an empty group's weight gradient unwritten (reported on
+    Blackwell; Hopper writes zeros): the grouped backend must give exactly zero there even when
+    the memory it is handed last held NaNs (the caching allocator recycles blocks)."""
+    E, D, F = 16, 256, 128
+    counts = [0, 48, 0, 16, 32, 0, 0, 64, 16, 0, 32, 0, 16, 0, 48, 0]  # half the experts empty
+    offsets = offsets_from_counts(counts, device="cuda")
+    for _ in range(2):  # the second round gets recycled blocks
+        poison = torch.full((4 * E * D * F,), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del poison
+        a = torch.randn(sum(counts), D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * 0.05).requires_grad_()
+        grouped_matmul(a, w, offsets).float().square().sum().backward()
+        empty = torch.tensor([c == 0 for c in counts], device="cuda")
+        assert torch.isfinite(w.grad).all()
+        assert (w.grad[empty] == 0).all() and (w.grad[~empty] != 0).any()
