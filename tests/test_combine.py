@@ -16,6 +16,7 @@ from moe_core.moe import dispatch  # noqa: E402
 from moe_core.moe.dispatch import combine, gather_rows, sort_by_expert  # noqa: E402
 from moe_core.moe.triton_combine import BLOCK_N, BLOCK_T, combine_rows  # noqa: E402
 from moe_core.moe.triton_experts import INTERPRETED  # noqa: E402
+from tests.conftest import experts, tiny  # noqa: E402
 
 
 def _dispatch(T: int, K: int, E: int, cap: int | None = None, seed: int = 0, device: str = "cpu"):
@@ -104,3 +105,34 @@ def test_fused_combine_on_the_gpu_rounds_the_slot_order_float32_sum_to_nearest()
     out = combine_rows(rows, d.row_P, T)
     assert torch.equal(out, _slot_order_sum(rows, d).bfloat16())
     assert torch.equal(combine(rows, d), out)
+
+
+@pytest.mark.parametrize("moe", [
+    {"layout": "layerwise", "experts": [experts(8, 2, "1/2")], "capacity_factor": 1.0},
+    {"layout": "layerwise", "experts": [experts(4, 1, "1/2"), experts(8, 2, "1/4")], "shared_experts": 1,
+     "shared_granularity": "1/4"},
+    {"layout": "unipool", "experts": [experts(16, 2, "1/2")], "router": {"scoring": "norm"},
+     "balance": {"aux_weight": 0.0, "pool_weight": 0.01}},
+], ids=["layerwise_cf1", "hetero_shared", "unipool"])
+def test_grouped_backend_with_the_fused_kernels_equals_it_without(moe, monkeypatch):
+    """The grouped backend as it runs on CUDA in eager mode (fused SwiGLU and combine, here under
+    Triton's interpreter) against the plain ops: the loss and every parameter's gradient."""
+    from moe_core import build_model
+    from moe_core.moe import swiglu
+
+    cfg = tiny({**moe, "backend": "grouped"})
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1))
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(dispatch, "fused_kernels_available", lambda t, fused=fused: fused)
+        monkeypatch.setattr(swiglu, "fused_kernels_available", lambda t, fused=fused: fused)
+        torch.manual_seed(0)  # the same model each time
+        model = build_model(cfg)
+        out = model(idx[:, :-1], idx[:, 1:])
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
