@@ -13,7 +13,7 @@
 # runs, so a step cut short by its time keeps what it printed; summary.txt collects the result
 # lines (test totals, floor/backend ratios, trainer ratios, syncs per step) at the end.
 #
-# Time: each step gets at most its cap (tests 120 s, layer 150 s, train 300 s, profile 60 s) and
+# Time: each step gets at most its cap (tests 150 s, layer 150 s, train 300 s, profile 60 s) and
 # never more than leaves the later steps their minimum, so the whole run ends within BUDGET
 # seconds (default 520) plus set-up. Steps run in the order given, which is also their priority.
 set -u
@@ -39,7 +39,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$out/machine.txt"
 
-cap() { case $1 in tests) echo 120 ;; layer) echo 150 ;; train) echo 300 ;; profile) echo 60 ;; esac; }
+cap() { case $1 in tests) echo 150 ;; layer) echo 150 ;; train) echo 300 ;; profile) echo 60 ;; esac; }
 floor() { case $1 in tests) echo 60 ;; layer) echo 60 ;; train) echo 120 ;; profile) echo 30 ;; esac; }
 
 run_step() {
