@@ -25,7 +25,10 @@ budget=${BUDGET:-520}
 deadline=$((SECONDS + budget))
 if [ $# -gt 0 ]; then steps=("$@"); else steps=(tests layer train profile); fi
 for step in "${steps[@]}"; do
-  case $step in tests|layer|train|profile) ;; *) echo "gpu_check: unknown step '$step' (allowed: tests layer train profile)" >&2; exit 2 ;; esac
+  case $step in
+    tests|layer|train|profile) ;;
+    *) echo "gpu_check: unknown step '$step' (allowed: tests layer train profile)" >&2; exit 2 ;;
+  esac
 done
 
 if [ -d .whl ] && ! python3 -c "import pydantic, bible" 2>/dev/null; then
@@ -75,7 +78,7 @@ done
     echo "-- $f"
     case $f in
       tests)   grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed|skipped|errors?)\b" "$out/$f.log" | tail -20 ;;
-      layer)   grep -E "^(floor|grouped|triton|streamed|auto) " "$out/$f.log" ;;
+      layer)   grep -E "^(floor|router|grouped|triton|streamed|auto) " "$out/$f.log" ;;
       train)   grep -E "tokens/s|^ratio|ERROR" "$out/$f.log" ;;
       profile) grep -iE "sync|^#####" "$out/$f.log" | head -40 ;;
     esac

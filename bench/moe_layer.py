@@ -6,18 +6,19 @@ backend (`moe.backend`, see moe_core/moe/experts.py). Each line prints medians, 
 median of per-repeat ratios:
 
     floor     g=1/8   n=   64 k=  8  dense     2.74 ms  floor     3.15 ms  1.15x
-    router    g=1/8   n=   64 k=  8  dense     2.74 ms  alone      0.20 ms  0.07x  floor 0.06x  [float32]
+    router    g=1/8   n=   64 k=  8  dense     2.74 ms  alone  (ms)  (x dense)  floor (x floor)  [float32]
     grouped   g=1/8   n=   64 k=  8  dense     2.74 ms  moe       8.08 ms  2.95x  floor 2.57x
 
-The FLOOR is the expert GEMMs alone: `torch._grouped_mm` forward and backward of both projections
-(with the plain SwiGLU between them, as the dense FFN has) on P = T * k rows already sorted by expert
-and perfectly balanced; no router, no gather, no gate, no combine. The ROUTER line times the
-router alone (logits and softmax, forward and backward), with its matmul in float32 and, in a
-bfloat16 run, in the compute dtype (`moe.router.dtype`; `--router-dtype` sets the MoE layers'):
-what a backend cannot fuse away, and at many experts no small part of the layer (at n = 1024 its
-matmul is a twelfth of the experts' FLOPs, and float32 runs on a GPU's CUDA cores). Experts go in static chunks of at
-most 1,023 groups per call (the CUDA kernel's limit), so n = 1024 works. Where `torch._grouped_mm`
-is not usable (see `grouped_mm_usable`) the project's `grouped_matmul` (its per-group loop) stands in.
+(the floor and grouped lines as an H100 printed them; the router line's format). The FLOOR is the
+expert GEMMs alone: `torch._grouped_mm` forward and backward of both projections (with the plain
+SwiGLU between them, as the dense FFN has) on P = T * k rows already sorted by expert and perfectly
+balanced; no router, no gather, no gate, no combine. Experts go in static chunks of at most 1,023
+groups per call (the CUDA kernel's limit), so n = 1024 works. Where `torch._grouped_mm` is not
+usable (see `grouped_mm_usable`) the project's `grouped_matmul` (its per-group loop) stands in.
+The ROUTER lines time the router alone (logits and softmax, forward and backward), its matmul in
+float32 and, in a bfloat16 run, also in the compute dtype (`moe.router.dtype`; `--router-dtype`
+sets the MoE layers'): what no backend fuses away, and at many experts no small part of the layer
+(at n = 1024 its matmul is a twelfth of the experts' FLOPs, and float32 runs on a GPU's CUDA cores).
 
     python bench/moe_layer.py                      # CPU, float32: reference, streamed, grouped
     python bench/moe_layer.py --device cuda --dtype bfloat16 --d-model 1024 --d-ff 4096 --tokens 16384
@@ -292,8 +293,9 @@ def main() -> None:
                 print(f"{'router':9s} {head}  ERROR {errors[name]}", flush=True)
                 continue
             vs_floor = f"  floor {_ratio(times[name], floor):.2f}x" if floor else ""
-            print(f"{'router':9s} {head}  dense {t_dense:8.{prec}f} ms  alone  {statistics.median(times[name]):8.{prec}f} ms  "
-                  f"{_ratio(times[name], times['dense']):.2f}x{vs_floor}  [{name.split()[1]}]", flush=True)
+            t = times[name]
+            print(f"{'router':9s} {head}  dense {t_dense:8.{prec}f} ms  alone  {statistics.median(t):8.{prec}f} ms  "
+                  f"{_ratio(t, times['dense']):.2f}x{vs_floor}  [{name.split()[1]}]", flush=True)
         for path in paths:
             if path in errors:
                 print(f"{path:9s} {head}  ERROR {errors[path]}", flush=True)
