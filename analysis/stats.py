@@ -17,7 +17,7 @@ import pandas as pd
 SETTINGS = [
     "scale", "layout", "sparsity", "num_experts", "top_k", "granularity", "expert_sets", "expert_width",
     "shared_experts", "shared_granularity", "pool_group_size", "router_scoring", "router_block_size",
-    "capacity_factor", "aux_weight", "aux_scope", "pool_weight", "z_weight", "bias_rate", "lr",
+    "router_dtype", "capacity_factor", "aux_weight", "aux_scope", "pool_weight", "z_weight", "bias_rate", "lr",
     "batch_tokens", "train_tokens", "data_source", "d_model", "n_layers",
 ]
 
@@ -30,6 +30,9 @@ def completed(trials: pd.DataFrame) -> pd.DataFrame:
     for col in SETTINGS:
         if col not in df:
             df[col] = np.nan
+    # Tables written before `router_dtype` existed routed in float32, as its default does now.
+    df["router_dtype"] = df["router_dtype"].astype(object).where(df["router_dtype"].notna(), "float32") \
+        .where(df["router_scoring"].notna(), None)
     df["setting"] = [_setting_key(r) for r in df.to_dict("records")]
     return df
 

@@ -128,6 +128,21 @@ def test_findings_need_their_comparison():
     assert f["probe"].verdict == INCONCLUSIVE
 
 
+def test_router_dtype_separates_settings_and_older_tables_routed_in_float32():
+    from analysis.stats import completed, controlled_groups
+
+    trials, _ = synthetic_trials(planted=True)
+    moe = trials[(trials["sweep"] == trials["sweep"].iloc[0]) & trials["router_scoring"].notna()]
+    compute = moe.assign(router_dtype="compute", trial_id=moe["trial_id"] + "-c")
+    both = completed(pd.concat([moe, compute]))
+    assert not set(both[both["router_dtype"] == "compute"]["setting"]) & set(both[both["router_dtype"] == "float32"]["setting"])
+    groups = controlled_groups(both, ["num_experts", "sparsity"], primary="sparsity")
+    assert groups and all(g["router_dtype"].nunique() == 1 for g in groups)  # never mixed in a comparison
+    older = completed(moe.drop(columns="router_dtype"))  # a table written before the column existed
+    assert (older["router_dtype"] == "float32").all()
+    assert list(older["setting"]) == list(completed(moe)["setting"])
+
+
 def test_noise_comes_from_repeated_seeds():
     from analysis.stats import completed, seed_noise
 

@@ -39,12 +39,10 @@ def _slot_order_sum(rows_PN: torch.Tensor, d) -> torch.Tensor:
     return acc
 
 
-def _to_bfloat16_as_triton_does(x: torch.Tensor) -> torch.Tensor:
-    """Compiled Triton rounds float32 to bfloat16 to nearest, as torch does; Triton's CPU
-    interpreter truncates (Triton 3.9: 1 + 3 * 2**-9 becomes 1.0, not 1.0078125)."""
-    if not INTERPRETED:
-        return x.bfloat16()
-    return (x.view(torch.int32) & -65536).view(torch.float32).bfloat16()
+def _bfloat16_roundings(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x rounded to bfloat16 to nearest (compiled Triton, as torch) and truncated (what Triton
+    3.9's CPU interpreter does: 1 + 3 * 2**-9 becomes 1.0, not 1.0078125)."""
+    return x.bfloat16(), (x.view(torch.int32) & -65536).view(torch.float32).bfloat16()
 
 
 # Partial tiles in both directions (T, N not multiples of BLOCK_T, BLOCK_N) and several tiles.
@@ -63,7 +61,10 @@ def test_fused_combine_sums_low_precision_rows_in_float32_and_rounds_once():
     rows = torch.randn(T * K, N).bfloat16()
     out = combine_rows(rows, d.row_P, T)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, _to_bfloat16_as_triton_does(_slot_order_sum(rows, d)), rtol=0, atol=0)
+    nearest, truncated = _bfloat16_roundings(_slot_order_sum(rows, d))
+    assert ((out == nearest) | (out == truncated)).all()  # one rounding of the float32 sum, no other error
+    if not INTERPRETED:
+        assert torch.equal(out, nearest)
 
 
 def test_fused_combine_takes_any_layout_of_rows():
@@ -96,7 +97,7 @@ def test_gather_and_combine_give_the_same_values_and_gradients_fused_or_plain(ca
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_fused_combine_on_the_gpu_rounds_the_slot_order_float32_sum_to_nearest():
+def test_fused_combine_on_the_gpu_rounds_the_slot_order_float32_sum_to_nearest(monkeypatch):
     """Compiled, at the layer bench's size: bit for bit the float32 sum in slot order rounded
     once to nearest, and what `combine` (which picks the kernel on CUDA) gives."""
     T, K, N = 4096, 8, 1024
@@ -104,7 +105,13 @@ def test_fused_combine_on_the_gpu_rounds_the_slot_order_float32_sum_to_nearest()
     rows = torch.randn(T * K, N, device="cuda").bfloat16()
     out = combine_rows(rows, d.row_P, T)
     assert torch.equal(out, _slot_order_sum(rows, d).bfloat16())
-    assert torch.equal(combine(rows, d), out)
+    plain = rows.index_select(0, d.row_P).view(K, T, N).sum(dim=0)  # what CUDA ran before the kernel
+    # The same but for torch's summation order: at most one bfloat16 step apart.
+    torch.testing.assert_close(out.float(), plain.float(), rtol=2**-7, atol=1e-5)
+    calls = []
+    monkeypatch.setattr("moe_core.moe.triton_combine.combine_rows",
+                        lambda *args: calls.append(1) or combine_rows(*args))
+    assert torch.equal(combine(rows, d), out) and calls == [1]  # combine takes the kernel on CUDA
 
 
 @pytest.mark.parametrize("moe", [

@@ -14,9 +14,15 @@ import importlib.util
 import torch
 
 
+# The kernels compute in float32 registers: float64 keeps the plain ops, which compute in float64.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def fused_kernels_available(t: torch.Tensor) -> bool:
-    """Whether the fused Triton kernels take tensors like `t`: CUDA, eager mode, Triton installed."""
-    return t.device.type == "cuda" and not torch.compiler.is_compiling() and _triton_installed()
+    """Whether the fused Triton kernels take tensors like `t`: CUDA, a dtype they compute exactly
+    (`FUSED_DTYPES`), eager mode, Triton installed."""
+    return (t.device.type == "cuda" and t.dtype in FUSED_DTYPES and not torch.compiler.is_compiling()
+            and _triton_installed())
 
 
 @functools.cache

@@ -128,13 +128,14 @@ class MoEFFN(nn.Module):
         logits_TN, scores_TN = router(x_TD)
         ids_TK, gates_TK = self._route(scores_TN)
 
-        # No zero tensor to add the first term to: a pass over (T, D) saved, the same values.
+        # The sets' outputs are summed in x's dtype (float32 under autocast), as if added to a
+        # zero tensor of x's dtype, without writing and reading that tensor.
         y_TD = None if self.shared is None else self.shared(x_TD)
         routed, kept, defaulted = [], [], []
         for s, cols, bank in zip(self.sets, self.slot_cols, pool.sets):
             local_TK, dispatch = self._dispatch(ids_TK[:, cols] - s.offset, s.num_experts, s.top_k)
             y_set = self._experts(bank, x_TD, local_TK, gates_TK[:, cols], dispatch)
-            y_TD = y_set if y_TD is None else y_TD + y_set
+            y_TD = y_set.to(x_TD.dtype) if y_TD is None else y_TD + y_set
             routed.append(dispatch.routed_E)
             kept.append(dispatch.kept_E)
             if dispatch.default_rows is not None:
