@@ -18,7 +18,8 @@ usable (see `grouped_mm_usable`) the project's `grouped_matmul` (its per-group l
 The ROUTER lines time the router alone (logits and softmax, forward and backward), its matmul in
 float32 and, in a bfloat16 run, also in the compute dtype (`moe.router.dtype`; `--router-dtype`
 sets the MoE layers'): what no backend fuses away, and at many experts no small part of the layer
-(at n = 1024 its matmul is a twelfth of the experts' FLOPs, and float32 runs on a GPU's CUDA cores).
+(its FLOPs are n / (3 d_ff) of the experts': a twelfth at n = 1024, d_ff = 4096; and float32 runs
+on a GPU's CUDA cores).
 
     python bench/moe_layer.py                      # CPU, float32: reference, streamed, grouped
     python bench/moe_layer.py --device cuda --dtype bfloat16 --d-model 1024 --d-ff 4096 --tokens 16384

@@ -115,9 +115,10 @@ class RouterConfig(StrictConfig):
     block_size: PositiveInt = 1  # PathMoE: MoE layer i uses router i // block_size
     norm_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-6
     # The logits' matmul: `float32` (exact products) or `compute` (the autocast dtype, bf16 on
-    # GPUs, as Mixtral/OLMoE and Megatron's default route). On a GPU a float32 matmul runs on
-    # the CUDA cores, about a tenth of the tensor cores' rate: at 1,024 experts the router then
-    # costs about what the experts do (its FLOPs are a twelfth of theirs).
+    # GPUs, as Mixtral/OLMoE and Megatron's default route; x's dtype without autocast). On a GPU
+    # a float32 matmul runs on the CUDA cores, about a tenth of the tensor cores' rate, and the
+    # router's FLOPs are n / (3 d_ff) of the experts' (a twelfth at n = 1,024, d_ff = 4,096): by
+    # that estimate the float32 router then costs about what the experts do.
     dtype: Literal["float32", "compute"] = "float32"
 
     @model_validator(mode="after")

@@ -91,6 +91,23 @@ def test_export_computes_the_same_logits_and_generates(case, tmp_path):
         assert torch.equal(generated, _greedy(model, prompt, 4))
 
 
+def test_a_compute_dtype_router_exports_as_one(tmp_path):
+    """The export routes as training did: with router.dtype compute the logits' matmul runs in
+    the input's dtype, bit for bit moe_core's router on bfloat16 input."""
+    cfg = tiny({**MOE, "router": {"dtype": "compute"}}, **WIDE)
+    model = _trained_looking(cfg)
+    hf = _load(export_hf(model, cfg, ByteTokenizer(), tmp_path / "hf"))
+    assert hf.config.router_dtype == "compute"
+    x = torch.randn(5, cfg.d_model).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(hf.model.routers[0](x), model.routers[0](x)[1])
+        float32 = tiny(MOE, **WIDE)  # the default: a float32 matmul, in the export too
+        hf32 = _load(export_hf(_trained_looking(float32), float32, ByteTokenizer(), tmp_path / "hf32"))
+        router32 = hf32.model.routers[0]
+        assert hf32.config.router_dtype == "float32"
+        assert torch.equal(router32(x), (x.float() @ router32.weight.float().t()).softmax(dim=-1))
+
+
 def test_mixtral_blockers_are_named(tmp_path):
     cfg, _ = CASES["mixtral_but_bias"]
     info = export_hf(build_model(cfg), cfg, ByteTokenizer(), tmp_path)

@@ -26,7 +26,8 @@ class MoESweepConfig(PretrainedConfig):
       "default_expert");
     - `shared_expert_size`: width of the always-on SwiGLU of each MoE layer (0: none);
     - `router_scoring`: "softmax", "sigmoid" or "norm" (NormRouter); `router_renormalize`
-      divides the chosen gates by their sum;
+      divides the chosen gates by their sum; `router_dtype`: the logits' matmul in "float32" or
+      in the input's dtype ("compute", as the model was trained under autocast);
     - `selection_bias`: each MoE layer adds a fixed bias to the scores when choosing experts
       (loss-free balancing), never to the gates;
     - `capacity_factor`: None is dropless; else each expert takes at most
@@ -57,6 +58,7 @@ class MoESweepConfig(PretrainedConfig):
         router_scoring: str = "softmax",
         router_renormalize: bool = False,
         router_norm_eps: float = 1e-6,
+        router_dtype: str = "float32",
         selection_bias: bool = False,
         capacity_factor: float | None = None,
         overflow: str = "drop",
@@ -81,6 +83,7 @@ class MoESweepConfig(PretrainedConfig):
         self.router_scoring = router_scoring
         self.router_renormalize = router_renormalize
         self.router_norm_eps = router_norm_eps
+        self.router_dtype = router_dtype
         self.selection_bias = selection_bias
         self.capacity_factor = capacity_factor
         self.overflow = overflow

@@ -152,7 +152,7 @@ def _hf_config(architecture: str, model: MoETransformer, special: dict[str, int]
                      for s in moe.experts],
         shared_expert_size=cfg.shared_width,
         router_scoring=moe.router.scoring, router_renormalize=moe.router.renormalize,
-        router_norm_eps=moe.router.norm_eps, selection_bias=moe.balance.bias_rate > 0,
+        router_norm_eps=moe.router.norm_eps, router_dtype=moe.router.dtype, selection_bias=moe.balance.bias_rate > 0,
         capacity_factor=moe.capacity_factor, overflow=moe.overflow,
     )
     config.auto_map = {

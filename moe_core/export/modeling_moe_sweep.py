@@ -95,20 +95,23 @@ class SwiGLU(nn.Module):
 
 
 class Router(nn.Module):
-    """Scores every routed expert of a layer, in float32. One router may serve several layers
-    (PathMoE). NormRouter: s = sigma * c * relu(z / (||z|| + eps)), c stored with the weights."""
+    """Scores every routed expert of a layer, in float32 (the logits' matmul in the input's dtype
+    with `router_dtype` "compute"). One router may serve several layers (PathMoE). NormRouter:
+    s = sigma * c * relu(z / (||z|| + eps)), c stored with the weights."""
 
     def __init__(self, config: MoESweepConfig) -> None:
         super().__init__()
         num_experts = sum(s["num_experts"] for s in config.expert_sets)
         self.scoring, self.eps = config.router_scoring, config.router_norm_eps
+        self.matmul_dtype = None if config.router_dtype == "compute" else torch.float32
         self.weight = nn.Parameter(torch.randn(num_experts, config.hidden_size) * config.initializer_range)
         if self.scoring == "norm":
             self.sigma = nn.Parameter(torch.ones(()))
             self.register_buffer("norm_const", torch.ones(()))
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TN = x_TD.float() @ self.weight.float().t()
+        dtype = self.matmul_dtype or x_TD.dtype
+        logits_TN = (x_TD.to(dtype) @ self.weight.to(dtype).t()).float()
         if self.scoring == "softmax":
             return logits_TN.softmax(dim=-1)
         if self.scoring == "sigmoid":

@@ -57,12 +57,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_M = 16 if INTERPRETED else 64
 
 # GPU autotuning candidates (H100), keyed by the problem dims (and, by Triton, the dtypes). Every
-# config was compiled for sm_90 at D = 1024, F in {128, 256, 512, 1024, 4096}, bf16 and fp32,
-# with Triton 3.9 and with 3.6 (what PyTorch 2.11 pins) (`bench/triton_sm90.py`): none left spills
-# registers or needs over 227 KB of shared memory for the operand widths it is marked for (16:
-# bf16/fp16, 32: float32, whose IEEE dots run on CUDA cores and hold more registers); the others
-# were dropped, or kept for 16-bit operands only (Triton 3.6 spilled 8-144 bytes in the float32
-# builds of the first up, the last gemm and the first three wgrad configs).
+# config was compiled for sm_90 at D = 1024, F in {128, 256, 512, 1024, 4096}, bf16 and fp32, with
+# Triton 3.9 and, in a PyTorch 2.11 environment like the GPU image's, Triton 3.6
+# (`bench/triton_sm90.py` under each): none left spills registers or needs over 227 KB of shared
+# memory for the operand widths it is marked for (16: bf16/fp16, 32: float32, whose IEEE dots run
+# on CUDA cores and hold more registers); the others were dropped, or kept for 16-bit operands
+# only (Triton 3.6 spilled 8-144 bytes in the float32 builds of the first up, the last gemm and
+# the first three wgrad configs).
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, operand bits)
 _UP = [(64, 64, 4, 4, (16,)), (128, 64, 8, 3, (16, 32)), (128, 64, 8, 4, (16,)), (64, 128, 4, 3, (16,)),
        (128, 128, 8, 2, (16,))]
