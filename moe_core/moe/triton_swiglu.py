@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-# 16 x 64 tiles with 4 warps: compiled for sm_90 (bench/triton_sm90.py), the backward needs 32-72
-# registers (Triton 3.9 / an earlier one) and no spills (32 x 128 spilled 80 bytes at 255
-# registers), leaving room for many warps per SM to hide memory latency in these memory-bound
+# 16 x 64 tiles with 4 warps: compiled for sm_90 (bench/triton_sm90.py), the backward needs 32
+# registers in bf16 with Triton 3.9 (36 with 3.6) and no spills (32 x 128 once spilled 80 bytes at
+# 255 registers), leaving room for many warps per SM to hide memory latency in these memory-bound
 # kernels.
 BLOCK_R, BLOCK_F, NUM_WARPS = 16, 64, 4
 
