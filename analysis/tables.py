@@ -3,6 +3,10 @@
 DuckDB loads the per-trial Parquet files into two tables, `trials` and `steps`, covering every
 sweep under the runs folder, or one. Files of different sweeps may differ in extra columns
 (`val_loss/<set>`, routing statistics): they are unioned by name.
+
+Rows of simulated trials (`moe-sweep run --simulate`: resources held, nothing trained) are never
+mixed with trained ones: the tables hold trained trials only, or with `simulated=True` simulated
+ones only.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ def _files(runs_dir: str | Path, table: str, sweep: str | list[str] | None) -> l
     return [str(f) for n in names for f in sorted((runs / n / "tables" / table).glob("*.parquet"))]
 
 
-def connect(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> duckdb.DuckDBPyConnection:
+def connect(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None,
+            simulated: bool = False) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with tables `trials` and `steps`, loaded once from the
     per-trial Parquet files (opening thousands of small files per query would dominate; loaded,
-    queries over 2,000 trials x 1,000 steps take milliseconds). Keep it for many queries."""
+    queries over 2,000 trials x 1,000 steps take milliseconds). Keep it for many queries. The
+    tables hold trained trials, or with `simulated` simulated ones, never both."""
     con = duckdb.connect()
     for table in ("trials", "steps"):
         files = _files(runs_dir, table, sweep)
@@ -50,18 +56,34 @@ def connect(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None)
             con.execute(f"create table {table} as select * from read_parquet([{listing}], union_by_name = true)")
         else:
             con.execute(f"create table {table} (trial_id varchar)")
+    has_flag = "simulated" in [c[0] for c in con.execute("describe trials").fetchall()]
+    if has_flag:  # tables written before the column existed hold trained trials only
+        con.execute(f"delete from trials where coalesce(simulated, false) != {str(simulated).lower()}")
+    elif simulated:
+        con.execute("delete from trials")
+    con.execute("delete from steps where trial_id not in (select trial_id from trials)")
     return con
+
+
+def simulated_trials(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> int:
+    """How many simulated trials the sweeps hold (what the default tables leave out)."""
+    con = connect(runs_dir, sweep, simulated=True)
+    try:
+        return int(con.execute("select count(*) from trials").fetchone()[0])
+    finally:
+        con.close()
 
 
 # Statement kinds a query may run: reads only (SELECT covers WITH, DESCRIBE, SHOW and SUMMARIZE).
 _READS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
-def query(sql: str, runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> pd.DataFrame:
+def query(sql: str, runs_dir: str | Path = "runs", sweep: str | list[str] | None = None,
+          simulated: bool = False) -> pd.DataFrame:
     """Run read-only DuckDB SQL over the tables `trials` and `steps`; a pandas DataFrame. A write
     (DROP, INSERT, COPY, ATTACH, SET...) is refused: the tables are copies, and saying "Success"
     to a write that changes nothing on disk would mislead."""
-    con = connect(runs_dir, sweep)
+    con = connect(runs_dir, sweep, simulated)
     try:
         writes = [s.type.name for s in con.extract_statements(sql) if s.type not in _READS]
         if writes:
@@ -86,11 +108,14 @@ def _one_line(err: duckdb.Error) -> str:
     return "; ".join(lines)
 
 
-def load_trials(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> pd.DataFrame:
-    """The trials table (one row per trial) of one, several or all sweeps."""
-    return query("select * from trials", runs_dir, sweep)
+def load_trials(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None,
+                simulated: bool = False) -> pd.DataFrame:
+    """The trials table (one row per trial) of one, several or all sweeps: trained trials, or
+    with `simulated` the simulated ones."""
+    return query("select * from trials", runs_dir, sweep, simulated)
 
 
-def load_steps(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> pd.DataFrame:
+def load_steps(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None,
+               simulated: bool = False) -> pd.DataFrame:
     """The steps table (one row per optimizer step of every trial)."""
-    return query("select * from steps", runs_dir, sweep)
+    return query("select * from steps", runs_dir, sweep, simulated)

@@ -110,34 +110,39 @@ def _plan(args: argparse.Namespace) -> None:
     from orchestrator.planner import plan_path
 
     plans = plan_path(args.path)
+    cluster = None
+    if args.gpus is not None:
+        from orchestrator.plan_view import queue_schedule
+
+        cluster = queue_schedule(plans, args.gpus, args.gpus_per_node)
     if args.json:
-        print(json.dumps(plans_json(plans), indent=1))
+        print(json.dumps(plans_json(plans, cluster), indent=1))
     else:
-        print_plans(plans, Console(width=max(Console().width, 160)), limit=args.limit)
+        print_plans(plans, Console(width=max(Console().width, 160)), limit=args.limit, cluster=cluster)
 
 
 def _run(args: argparse.Namespace) -> None:
-    from orchestrator.sweep_runner import RunOptions, run_sweep
+    from orchestrator.sweep_runner import RunOptions, run_sweeps
 
     options = RunOptions(
         runs_dir=args.runs_dir, address=args.address, restart=args.restart, mlflow_uri=args.mlflow_uri,
-        num_cpus=args.num_cpus, dashboard=not args.no_dashboard,
+        num_cpus=args.num_cpus, dashboard=not args.no_dashboard, simulate=args.simulate,
     )
-    counts = run_sweep(args.sweep, options)
-    if counts.get("failed"):
+    counts = run_sweeps(args.sweep, options)
+    if any(c.get("failed") for c in counts.values()):
         raise SystemExit(1)
 
 
 def _status(args: argparse.Namespace) -> None:
-    from orchestrator.status import print_status
+    from orchestrator.status import print_statuses
 
-    print_status(args.name, args.runs_dir, Console())
+    print_statuses(args.name, args.runs_dir, Console())
 
 
 def _query(args: argparse.Namespace) -> None:
     from analysis.tables import query
 
-    df = query(args.sql, args.runs_dir, args.sweep)
+    df = query(args.sql, args.runs_dir, args.sweep, simulated=args.simulated)
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
     elif args.format == "json":
@@ -160,12 +165,15 @@ def _query(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> None:
     from analysis.report import write_report
-    from analysis.tables import load_steps, load_trials, sweeps
+    from analysis.tables import load_steps, load_trials, simulated_trials, sweeps
 
     if not args.all and not args.name:
         raise ConfigError("give a sweep NAME or --all")
     names = sweeps(args.runs_dir) if args.all else [args.name]
     trials, steps = load_trials(args.runs_dir, names), load_steps(args.runs_dir, names)
+    if trials.empty and simulated_trials(args.runs_dir, names):
+        raise AnalysisError(f"{', '.join(names)}: only simulated trials (moe-sweep run --simulate: nothing trained); "
+                            "findings need trained ones")
     title = "All sweeps" if args.all else f"Sweep {args.name}"
     path = write_report(trials, steps, args.out, f"{title}: MoE design findings ({len(trials)} trials)")
     Console().print(f"report -> {path}")
@@ -181,18 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a sweep YAML, or a folder of them")
     p.add_argument("--json", action="store_true", help="print one JSON object (trials, skipped, totals)")
     p.add_argument("--limit", type=int, default=40, help="trials shown per sweep in the table (default 40)")
+    p.add_argument("--gpus", type=int, help="also the wall time of the whole queue on this many GPUs (list-scheduled, longest first)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="with --gpus: GPUs per node (default 8)")
     p.set_defaults(func=_plan)
-    p = sub.add_parser("run", help="run (or resume) a sweep on Ray: results in runs/<name>/ and MLflow")
-    p.add_argument("sweep", help="sweep YAML")
+    p = sub.add_parser("run", help="run (or resume) sweeps on Ray as one queue: results in runs/<name>/ and MLflow")
+    p.add_argument("sweep", nargs="+", help="sweep YAMLs or folders of them (one queue, longest planned trial first)")
     p.add_argument("--runs-dir", default="runs", help="where results go (default: runs)")
     p.add_argument("--address", help="join a Ray cluster: 'auto', host:port or ray://host:port (default: local Ray)")
     p.add_argument("--restart", action="store_true", help="delete this sweep's results and start over")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<runs-dir>/mlflow.db)")
     p.add_argument("--num-cpus", type=float, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+    p.add_argument("--simulate", type=float, metavar="SCALE",
+                   help="no training: each trial holds its resources for its planned wall time x SCALE (rows say simulated)")
     p.set_defaults(func=_run)
-    p = sub.add_parser("status", help="trials per state, best so far and time left of a sweep")
-    p.add_argument("name", help="sweep name (a folder under --runs-dir)")
+    p = sub.add_parser("status", help="trials per state, best so far and time left of sweeps")
+    p.add_argument("name", nargs="+", help="sweep names (folders under --runs-dir), or sweep YAMLs or folders of them")
     p.add_argument("--runs-dir", default="runs")
     p.set_defaults(func=_status)
     p = sub.add_parser("query", help="DuckDB SQL over the result tables (tables: trials, steps)")
@@ -202,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     p.add_argument("--out", help="output file for --format parquet")
     p.add_argument("--limit", type=int, default=50, help="rows shown as a table (default 50)")
+    p.add_argument("--simulated", action="store_true", help="the simulated trials (--simulate runs) instead of trained ones")
     p.set_defaults(func=_query)
     p = sub.add_parser("report", help="the study's findings as figures and an HTML page")
     p.add_argument("name", nargs="?", help="sweep name")

@@ -106,34 +106,6 @@ class MLflowSync:
             }
         return self._runs
 
-    # -- background logging: the Tune loop only enqueues trial ids -----------------------------
-    def start_background(self, paths: SweepPaths) -> None:
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._drain, args=(paths,), name="mlflow-sync", daemon=True)
-        self._thread.start()
-
-    def submit(self, trial_id: str) -> None:
-        self._queue.put(trial_id)
-
-    def _drain(self, paths: SweepPaths) -> None:
-        while True:
-            first = self._queue.get()
-            batch = [first]
-            while not self._queue.empty():
-                batch.append(self._queue.get())
-            ids = [t for t in batch if t is not None]
-            if ids:
-                self.sync(paths, ids)
-            if None in batch:
-                return
-
-    def stop_background(self) -> None:
-        """Log what is queued, then stop the thread."""
-        if getattr(self, "_thread", None) is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
     def sync_unlogged(self, paths: SweepPaths) -> int:
         """Log the trials with a row but no run yet (those the background thread never saw, like
         Bayesian points that were infeasible), reading only their rows: rows already mirrored by
@@ -240,3 +212,43 @@ class MLflowSync:
         except Exception as err:
             self._fail(err)
 
+
+
+class MLflowQueue:
+    """One background thread logging the finished trials of several sweeps (one queue of a
+    `moe-sweep run` over a folder), each to its own sweep's experiment: the Tune loop only
+    enqueues `(sweep, trial_id)`. One thread, so a SQLite store sees one writer."""
+
+    def __init__(self, syncs: dict[str, tuple[MLflowSync, SweepPaths]]) -> None:
+        self.syncs = syncs
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._drain, name="mlflow-sync", daemon=True)
+        self._thread.start()
+
+    def submit(self, sweep: str, trial_id: str) -> None:
+        self._queue.put((sweep, trial_id))
+
+    def _drain(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            by_sweep: dict[str, list[str]] = {}
+            for item in batch:
+                if item is not None:
+                    by_sweep.setdefault(item[0], []).append(item[1])
+            for name, ids in by_sweep.items():
+                sync, paths = self.syncs[name]
+                sync.sync(paths, ids)
+            if None in batch:
+                return
+
+    def stop(self) -> None:
+        """Log what is queued, then stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None

@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from moe_core.errors import ConfigError
+from orchestrator.cluster_model import Job, Schedule, longest_first, simulate
 from orchestrator.planner import Plan
 
 
@@ -27,13 +29,30 @@ def _hours(h: float) -> str:
     return f"{h * 60:.1f} min" if h < 1 else f"{h:,.1f} h"
 
 
-def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
+def queue_schedule(plans: list[Plan], gpus: int, per_node: int) -> dict[str, Any]:
+    """The wall time of all the plans' trials as one queue (longest first, gang placement) on
+    `gpus` GPUs in nodes of `per_node`: list scheduling on the plan's estimates."""
+    if gpus < 1 or per_node < 1 or gpus % per_node:
+        raise ConfigError(f"--gpus ({gpus}) must be a positive multiple of --gpus-per-node ({per_node})")
+    trials = [t for p in plans for t in p.trials if t.shape.gpus_per_worker]
+    if not trials:
+        raise ConfigError("--gpus: these sweeps plan no GPU trials (resources.gpus is 0)")
+    widest = max(trials, key=lambda t: t.shape.gpus)
+    if widest.shape.gpus > gpus:
+        raise ConfigError(f"--gpus {gpus}: trial {widest.trial_id} ({widest.sweep}) is planned on {widest.shape.gpus:g} GPUs")
+    jobs = [Job(t.est_hours, math.ceil(t.shape.gpus), True) for t in trials]
+    s: Schedule = simulate(longest_first(jobs), gpus // per_node, per_node)
+    return {"gpus": gpus, "gpus_per_node": per_node, "trials": len(jobs), "wall_hours": s.makespan, "gpu_hours": s.gpu_hours,
+            "bound_hours": s.bound, "utilisation": s.utilisation, "longest_hours": s.longest}
+
+
+def print_plans(plans: list[Plan], console: Console, limit: int, cluster: dict[str, Any] | None = None) -> None:
     """Per sweep: up to `limit` trials, then skipped reasons; then totals over all sweeps."""
     for plan in plans:
         spec = plan.spec
         title = f"{spec.name} ({plan.path}): {spec.method}, {plan.planned_trials} trials ({_points(plan)})"
         table = Table(title=title, title_justify="left")
-        numeric = ("active", "total", "GFLOP/tok", "tokens", "FLOPs", "est.", "mem/GPU")
+        numeric = ("active", "total", "GFLOP/tok", "tokens", "FLOPs", "GPUs", "est.", "mem/GPU")
         for col in ("trial_id", "scale", "seed", "params", "moe", *numeric):
             table.add_column(col, justify="right" if col in numeric else "left")
         rows = plan.trials if spec.method != "bayes" else ([plan.estimate] if plan.estimate else [])
@@ -44,7 +63,7 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
             table.add_row(
                 t.trial_id if spec.method != "bayes" else "(typical)", t.scale, str(t.seed), params, moe,
                 _si(t.active_params), _si(t.total_params), f"{t.flops_per_token / 1e9:.3g}", _si(t.train_tokens),
-                _si(t.train_flops), _hours(t.est_hours), _memory(t),
+                _si(t.train_flops), _devices(t), _hours(t.est_hours), _memory(t),
             )
         if len(rows) > limit > 0:
             table.caption = f"... {len(rows) - limit} more trials (--limit N to show more, --json for all)"
@@ -74,6 +93,20 @@ def print_plans(plans: list[Plan], console: Console, limit: int) -> None:
             _si(sum(p.train_flops for p in group)), f"{sum(p.device_hours for p in group):,.1f} {group[0].hardware.unit}-h",
         )
     console.print(total)
+    if cluster is not None:
+        nodes = cluster['gpus'] // cluster['gpus_per_node']
+        console.print(f"on {cluster['gpus']} GPUs ({nodes} node{'s' * (nodes != 1)} of "
+                      f"{cluster['gpus_per_node']}): {cluster['trials']:,} trial{'s' * (cluster['trials'] != 1)} in about {_hours(cluster['wall_hours'])} "
+                      f"(one queue, longest first; lower bound {_hours(cluster['bound_hours'])}, GPU utilisation "
+                      f"{cluster['utilisation']:.1%}); on the plan's estimates")
+
+
+def _devices(t: Any) -> str:
+    """GPUs of the trial's shape ('1', '8 (1 node)', '16 (2 nodes)'), or its CPU cores."""
+    shape = t.shape
+    if not shape.gpus_per_worker:
+        return f"{shape.workers * shape.cpus_per_worker:g} CPU"
+    return f"{shape.gpus:g}" + (f" ({shape.nodes} nodes)" if shape.nodes > 1 else "")
 
 
 def _memory(t: Any) -> str:
@@ -99,8 +132,9 @@ def _space(p: Any) -> str:
     return "{" + ", ".join(map(str, p.choices)) + "}"
 
 
-def plans_json(plans: list[Plan]) -> dict[str, Any]:
-    """One object: `sweeps` (a summary each), `trials` and `skipped` of all sweeps, `totals`."""
+def plans_json(plans: list[Plan], cluster: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One object: `sweeps` (a summary each), `trials` and `skipped` of all sweeps, `totals`
+    (and `cluster`, the queue's wall time on `--gpus`)."""
     sweeps = []
     for p in plans:
         sweeps.append({
@@ -125,4 +159,5 @@ def plans_json(plans: list[Plan]) -> dict[str, Any]:
                 hw: sum(p.device_hours for p in plans if p.hardware.name == hw) for hw in sorted({p.hardware.name for p in plans})
             },
         },
+        **({"cluster": cluster} if cluster is not None else {}),
     }

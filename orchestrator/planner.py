@@ -37,12 +37,12 @@ from moe_core.accounting import count_params
 from moe_core.config import ModelConfig
 from moe_core.data.config import DataConfig
 from moe_core.errors import ConfigError, _model_in
-from moe_core.memory import choose_sharding
 from moe_core.train.config import TrainConfig
 from moe_core.trial import TrialConfig
 from moe_core.yaml_io import load_yaml_with_lines
 from orchestrator.hardware import HARDWARE, Hardware
 from orchestrator.scales import SCALES
+from orchestrator.shapes import ShapeChoice, TrialShape, choose_shape
 from orchestrator.study import Infeasible, StudyConfig, derive_moe
 from orchestrator.sweep_spec import SweepSpec
 
@@ -69,17 +69,28 @@ class PlannedTrial:
     router_flops_per_token: int
     train_tokens: int
     train_flops: float  # flops_per_token * train_tokens
-    est_hours: float  # on the sweep's hardware
+    est_hours: float  # planned wall time on its shape (start-up and data-parallel efficiency included)
     hardware: str
     sharding: str  # `none` (DDP or one worker) or `fsdp`, as written into train.sharding
+    shape: TrialShape  # its workers, GPUs and placement (orchestrator.shapes)
     memory: dict[str, Any] | None = None  # moe_core.memory estimate per GPU (None on CPUs)
 
     @property
     def memory_per_gpu(self) -> int | None:
         return self.memory["total"] if self.memory else None
 
+    @property
+    def devices(self) -> float:
+        """GPUs it holds (CPU cores on a CPU sweep)."""
+        return self.shape.gpus if self.shape.gpus_per_worker else self.shape.workers * self.shape.cpus_per_worker
+
+    @property
+    def device_hours(self) -> float:
+        return self.est_hours * self.devices
+
     def to_dict(self, with_config: bool = True) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "config"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("config", "shape")}
+        out.update(self.shape.to_dict())
         if with_config:
             out["config"] = self.config.to_dict()
         return out
@@ -125,10 +136,9 @@ class Plan:
     @property
     def device_hours(self) -> float:
         """GPU-hours (or CPU-core-hours) over all trials."""
-        devices = _devices(self.spec)
         if self.spec.method == "bayes":
-            return self.planned_trials * self.estimate.est_hours * devices if self.estimate else float("nan")
-        return sum(t.est_hours for t in self.trials) * devices
+            return self.planned_trials * self.estimate.device_hours if self.estimate else float("nan")
+        return sum(t.device_hours for t in self.trials)
 
     @property
     def hardware(self) -> Hardware:
@@ -295,11 +305,6 @@ def _hardware(spec: SweepSpec) -> Hardware:
     return HARDWARE[spec.hardware or ("h100" if spec.resources.gpus > 0 else "cpu")]
 
 
-def _devices(spec: SweepSpec) -> float:
-    r = spec.resources
-    return r.workers * (r.gpus if r.gpus > 0 else r.cpus)
-
-
 class Planner:
     """Resolves points of one sweep into trials."""
 
@@ -367,45 +372,38 @@ class Planner:
         trial_dict = {"model": model, "train": tree.get("train") or {}, "data": tree.get("data") or {}, "seed": seed}
         trial = self._build(TrialConfig, trial_dict, "", point, context)
         workers = spec.resources.workers
-        if trial.accumulation_steps % workers:
+        if workers is not None and trial.accumulation_steps % workers:
             raise self._error("train.batch_tokens", f"{trial.accumulation_steps} micro-batches per step cannot be split "
                               f"over resources.workers = {workers}; make batch_tokens a multiple of "
                               f"{workers} * micro_batch_size * seq_len{context}", point)
         counts = count_params(trial.model)
         if spec.max_total_params is not None and counts.total > spec.max_total_params:
             raise Infeasible(f"{counts.total / 1e9:.2f}B total parameters exceed max_total_params {spec.max_total_params / 1e9:g}B")
-        sharding, memory = self._memory_plan(trial, point)
-        if sharding != trial.train.sharding:
-            trial = TrialConfig.from_dict({**trial.to_dict(), "train": {**trial.train.to_dict(), "sharding": sharding}})
         flops = counts.matched_flops_per_token
         tokens = trial.total_steps * trial.train.batch_tokens
         hw = _hardware(spec)
         train_flops = float(flops) * tokens
+        choice = self._shape(trial, train_flops, point)
+        sharding, memory = choice.sharding, choice.memory
+        if sharding != trial.train.sharding:
+            trial = TrialConfig.from_dict({**trial.to_dict(), "train": {**trial.train.to_dict(), "sharding": sharding}})
         return PlannedTrial(
             trial_id=trial_id(trial), config_id=config_id(trial), sweep=spec.name, scale=scale or "custom", seed=seed,
             params=self._params(point, tree, study, trial), derived=_derived(trial.model),
             config=trial, active_params=counts.matched_active, total_params=counts.total,
             router_params=counts.active_router, flops_per_token=flops,
             router_flops_per_token=counts.router_flops_per_token, train_tokens=tokens,
-            train_flops=train_flops, est_hours=train_flops / (hw.effective_flops * _devices(spec)) / 3600,
-            hardware=hw.name, sharding=sharding, memory=memory,
+            train_flops=train_flops, est_hours=choice.est_hours,
+            hardware=hw.name, sharding=sharding, shape=choice.shape, memory=memory,
         )
 
-    def _memory_plan(self, trial: TrialConfig, point: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-        """The sharding this trial runs with and its memory estimate per GPU. Raises
-        `Infeasible` with the reason when no allowed sharding fits the sweep's GPU."""
-        r, hw = self.spec.resources, _hardware(self.spec)
+    def _shape(self, trial: TrialConfig, train_flops: float, point: dict[str, Any]) -> ShapeChoice:
+        """The trial's workers, sharding and memory estimate per GPU (`orchestrator.shapes`).
+        Raises `Infeasible` with the reason when no allowed shape fits the sweep's GPU."""
         if "sharding" in (self.spec.base.get("train") or {}) or "train.sharding" in self.assignments(point):
             raise self._error("train.sharding", "train.sharding is chosen by the planner; set resources.sharding "
                               "(auto, none or fsdp) instead", point)
-        if hw.memory_bytes is None or r.gpus <= 0:  # CPU trials: host memory, not planned
-            return ("none" if r.sharding == "auto" else r.sharding), None
-        choice = choose_sharding(trial.model, trial.train, workers=r.workers, mode=r.sharding,
-                                 device_bytes=int(hw.memory_bytes * min(1.0, r.gpus)),
-                                 checkpointing=trial.train.activation_checkpointing)
-        if not choice.fits:
-            raise Infeasible(f"{choice.reason} on {hw.name}")
-        return choice.sharding, choice.estimate.to_dict()
+        return choose_shape(trial, train_flops, self.spec.resources, _hardware(self.spec))
 
     def _check_alignment(self, model: dict[str, Any], point: dict[str, Any], context: str) -> None:
         dims = self._build(ModelConfig, model, "model", point, context)

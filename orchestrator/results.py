@@ -70,6 +70,8 @@ TRIALS_SCHEMA: dict[str, pa.DataType] = {
     "router_flops_per_token": _I, "train_tokens": _I, "train_flops": _F,
     "steps": _I, "tokens": _I, "train_loss": _F, "val_loss": _F, "perplexity": _F,
     "probe_loss_increase": _F, "probe_acc_drop": _F, "probe_json": _S, "wall_seconds": _F, "tokens_per_second": _F,
+    "workers": _I, "gpus": _F, "placement": _S, "est_hours": _F, "hardware": _S,
+    "attempts": _I, "started_at": _F, "simulated": pa.bool_(),
     "error": _S, "config_json": _S, "node": _S, "ray_node_id": _S, "updated_at": _F,
 }
 
@@ -145,7 +147,7 @@ def planned_columns(meta: dict[str, Any]) -> dict[str, Any]:
     row.update({_column_name(k): _param_value(v) for k, v in meta["params"].items()})
     row.update(resolved_columns(meta["config"]))
     for key in ("active_params", "total_params", "router_params", "flops_per_token", "router_flops_per_token",
-                "train_tokens", "train_flops"):
+                "train_tokens", "train_flops", "workers", "gpus", "placement", "est_hours", "hardware"):
         row[key] = meta.get(key)
     row["config_json"] = json.dumps(meta["config"], sort_keys=True)
     row["node"] = socket.gethostname()

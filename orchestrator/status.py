@@ -23,7 +23,34 @@ def _driver(paths: SweepPaths) -> dict:
         return {}
 
 
-def print_status(name: str, runs_dir: str | Path, console: Console) -> None:
+def sweep_names(args: list[str]) -> list[str]:
+    """Sweep names from the command line: a name as it is, a YAML or a folder of them as the
+    names they give (`moe-sweep status sweeps/slicing_dicing/`)."""
+    from orchestrator.planner import SweepFile, sweep_files
+
+    names: list[str] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir() or path.suffix in (".yaml", ".yml"):
+            names += [SweepFile(f).spec.name for f in sweep_files(path)]
+        else:
+            names.append(arg)
+    return list(dict.fromkeys(names))
+
+
+def print_statuses(args: list[str], runs_dir: str | Path, console: Console) -> None:
+    """Each sweep's status, then (for several) the whole queue's trials per state."""
+    names = sweep_names(args)
+    whole: dict[str, int] = {}
+    for name in names:
+        for state, n in print_status(name, runs_dir, console).items():
+            whole[state] = whole.get(state, 0) + n
+    if len(names) > 1:
+        parts = ", ".join(f"{state} {n}" for state, n in whole.items() if n)
+        console.print(f"[bold]all {len(names)} sweeps[/bold]: {sum(whole.values()):,} planned trials: {parts}")
+
+
+def print_status(name: str, runs_dir: str | Path, console: Console) -> dict[str, int]:
     paths = SweepPaths(runs_dir, name)
     if not paths.trials.is_dir():
         known = sorted(p.name for p in Path(runs_dir).glob("*") if (p / "tables").is_dir()) if Path(runs_dir).is_dir() else []
@@ -55,6 +82,7 @@ def print_status(name: str, runs_dir: str | Path, console: Console) -> None:
         console.print(f"best val_loss {best['val_loss']:.4f}: trial {best['trial_id']} "
                       + ", ".join(f"{k[2:]}={v}" for k, v in best.items() if k.startswith("p_")))
     console.print(_time_line(driver, alive, planned, done))
+    return {**counts, "not started": waiting}
 
 
 def _time_line(driver: dict, alive: bool, planned: int, done: int) -> str:

@@ -1,11 +1,18 @@
-"""`moe-sweep run SWEEP.yaml`: plan the sweep, then run its trials as Ray Tune trials.
+"""`moe-sweep run PATH...`: plan sweeps, then run their trials as one queue of Ray Tune trials.
 
-Resuming is by trial id. Every run plans the YAML again and hands Tune only the trials without a
-finished row (`results.TERMINAL`); each of those resumes from its own checkpoint in
+One command runs one sweep YAML, a folder of them or several: every sweep's pending trials join
+one Tune run, longest planned first (so the last trials to start are short and the tail is
+short), each trial asking the cluster for its own shape (`orchestrator.shapes`: its GPUs as a
+placement group, on one node when it fits one). Each trial's rows still go to its own sweep's
+tables and MLflow experiment.
+
+Resuming is by trial id, per sweep. Every run plans the YAMLs again and hands Tune only the trials
+without a finished row (`results.TERMINAL`); each of those resumes from its own checkpoint in
 `runs/<sweep>/trial_runs/<id>/`. So a second run after the driver was killed re-runs nothing
 that finished and continues what was interrupted, and an extended YAML runs only its new ids.
-Bayesian sweeps keep their Optuna study in `runs/<sweep>/optuna.db` and sample only the points
-still missing. `--restart` deletes the sweep's folder and starts over.
+Bayesian sweeps (which sample adaptively, one Optuna study each) run alone, keep their study in
+`runs/<sweep>/optuna.db` and sample only the points still missing. `--restart` deletes the
+sweeps' folders and starts over.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +35,17 @@ from rich.console import Console
 from moe_core.errors import ConfigError
 from moe_core.files import write_json
 from orchestrator.live_view import LiveView
-from orchestrator.mlflow_sync import MLflowSync, default_uri
-from orchestrator.planner import Plan, SweepFile, plan_sweep
+from orchestrator.mlflow_sync import MLflowQueue, MLflowSync, default_uri
+from orchestrator.planner import Plan, PlannedTrial, SweepFile, plan_sweep, sweep_files
 from orchestrator.ray_session import auth_token_path, cleanup_orphans, start_ray, stop_ray
 from orchestrator.results import FAILED, RUNNING, STOPPED, TERMINAL, SweepPaths, read_rows, read_rows_of, trial_row, trial_states, write_row
-from orchestrator.trial_fn import TrialContext, run_trial, trial_meta
+from orchestrator.shapes import TrialShape
+from orchestrator.trial_fn import TrialContext, queue_key, run_trial, split_key, trial_meta
 
 
 # Tune pickles its run config (callbacks included) into its experiment state; the callback holds
 # only a key into this table of driver-side objects (live view, MLflow client), which cannot be pickled.
-_DRIVER_OBJECTS: dict[str, tuple[SweepPaths, LiveView, MLflowSync]] = {}
+_DRIVER_OBJECTS: dict[str, "_Driver"] = {}
 
 
 @dataclass
@@ -48,33 +57,58 @@ class RunOptions:
     num_cpus: float | None = None  # local Ray only; None: all cores
     dashboard: bool = True
     noop: bool = False  # trials skip training (bench/orchestrator_overhead.py measures the rest)
+    simulate: float | None = None  # trials hold their shape for planned hours x this, no training
+
+
+@dataclass
+class _Sweep:
+    """One sweep of the queue: its file, plan, folders and MLflow mirror."""
+
+    sweep: SweepFile
+    plan: Plan
+    paths: SweepPaths
+    pending: list[PlannedTrial]
+    mlflow: MLflowSync | None = None
+
+    @property
+    def name(self) -> str:
+        return self.sweep.spec.name
+
+
+@dataclass
+class _Driver:
+    sweeps: dict[str, _Sweep]
+    view: LiveView
+    mlflow: MLflowQueue
 
 
 class ResultsCallback(Callback):
     """Driver side: keep the live view current, write the rows a trial could not write itself
     (stopped early by ASHA, or its process died), mirror finished trials to MLflow."""
 
-    def __init__(self, paths: SweepPaths, view: LiveView, mlflow: MLflowSync) -> None:
-        self.key = str(paths.root)
-        _DRIVER_OBJECTS[self.key] = (paths, view, mlflow)
+    def __init__(self, key: str, driver: _Driver) -> None:
+        self.key = key
+        _DRIVER_OBJECTS[key] = driver
 
-    def _objects(self) -> tuple[SweepPaths, LiveView, MLflowSync]:
+    def _driver(self) -> _Driver:
         return _DRIVER_OBJECTS[self.key]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "moe_trial_id" in result:
-            view = self._objects()[1]
-            tid = result["moe_trial_id"]
-            if tid not in view.labels and "trial_id" not in (trial.config or {}):  # bayes: the sampled point
-                view.label(tid, dict(trial.config or {}))
-            view.result(tid, result)
+            view = self._driver().view
+            key = queue_key(result.get("moe_sweep", ""), result["moe_trial_id"])
+            if key not in view.labels and "trial" not in (trial.config or {}):  # bayes: the sampled point
+                view.label(key, dict(trial.config or {}))
+            view.result(key, result)
 
     def _finish(self, trial: Any, error: bool) -> None:
-        paths, view, mlflow = self._objects()
-        tid = _trial_id(trial)
-        if tid is None:  # a Bayesian point that reported nothing: infeasible (or failed at once)
-            view.finished(trial.trial_id, "failed" if error else "infeasible", None)
+        driver = self._driver()
+        key = _queue_key_of(trial)
+        if key is None:  # a Bayesian point that reported nothing: infeasible (or failed at once)
+            driver.view.finished(trial.trial_id, "failed" if error else "infeasible", None)
             return
+        name, tid = split_key(key)
+        paths = driver.sweeps[name].paths
         file = paths.trials / f"{tid}.parquet"
         rows = read_rows_of(file)
         row = rows[0] if rows else None
@@ -87,8 +121,8 @@ class ResultsCallback(Callback):
         elif row is not None and row["status"] == RUNNING and error:
             row = trial_row(row, FAILED, error=_error_of(trial))
             write_row(file, row)
-        view.finished(tid, row["status"] if row else ("failed" if error else "infeasible"), row)
-        mlflow.submit(tid)
+        driver.view.finished(key, row["status"] if row else ("failed" if error else "infeasible"), row)
+        driver.mlflow.submit(name, tid)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, error=False)
@@ -97,8 +131,12 @@ class ResultsCallback(Callback):
         self._finish(trial, error=True)
 
 
-def _trial_id(trial: Any) -> str | None:
-    return (trial.config or {}).get("trial_id") or (trial.last_result or {}).get("moe_trial_id")
+def _queue_key_of(trial: Any) -> str | None:
+    """`sweep/trial_id` of a Tune trial: from its config (grid/random) or its reports (bayes)."""
+    if "trial" in (trial.config or {}):
+        return trial.config["trial"]
+    last = trial.last_result or {}
+    return queue_key(last["moe_sweep"], last["moe_trial_id"]) if "moe_trial_id" in last else None
 
 
 def _error_of(trial: Any) -> str:
@@ -117,95 +155,148 @@ def _prepare_folder(paths: SweepPaths, sweep: SweepFile, restart: bool) -> None:
     shutil.copyfile(sweep.path, paths.snapshot)
 
 
+def load_sweeps(paths: list[str | Path]) -> list[SweepFile]:
+    """Every sweep YAML of `paths` (files or folders), parsed: each user mistake is one
+    `ConfigError` here, before any compute. Names must be unique; a Bayesian sweep runs alone."""
+    files = list(dict.fromkeys(f.resolve() for p in paths for f in sweep_files(p)))
+    sweeps, names = [], {}
+    for file in files:
+        sweep = SweepFile(file)
+        if sweep.spec.name in names:
+            raise sweep.error(("name",), f"duplicate sweep name '{sweep.spec.name}' (also in {names[sweep.spec.name]})")
+        names[sweep.spec.name] = file
+        sweeps.append(sweep)
+    bayes = [s for s in sweeps if s.spec.method == "bayes"]
+    if bayes and len(sweeps) > 1:
+        raise bayes[0].error(("method",), "a bayes sweep samples adaptively from its own Optuna study and runs alone: "
+                             f"`moe-sweep run {bayes[0].path}`")
+    return sweeps
+
+
 def run_sweep(path: str | Path, options: RunOptions, console: Console | None = None) -> dict[str, int]:
-    """Run (or resume) the sweep in `path`; returns trials per state at the end."""
+    """Run (or resume) the sweep(s) in `path`; returns trials per state at the end (summed over
+    the sweeps of a folder)."""
+    total: dict[str, int] = {}
+    for counts in run_sweeps([path], options, console).values():
+        for state, n in counts.items():
+            total[state] = total.get(state, 0) + n
+    return total
+
+
+def run_sweeps(paths: list[str | Path], options: RunOptions, console: Console | None = None) -> dict[str, dict[str, int]]:
+    """Run (or resume) every sweep of `paths` as one queue; returns each sweep's trials per state."""
     console = console or Console()
-    sweep = SweepFile(path)  # every user mistake is caught here, before any compute
-    plan = plan_sweep(sweep)
-    spec = sweep.spec
-    if spec.method != "bayes" and not plan.trials:
-        reasons = list(dict.fromkeys(s.reason for s in plan.skipped))
-        more = f" (and {len(reasons) - 3} more reasons)" if len(reasons) > 3 else ""
-        raise ConfigError(f"{sweep.path}: every point of the sweep is infeasible, nothing to run: "
-                          + "; ".join(reasons[:3]) + more)
-    paths = SweepPaths(options.runs_dir, spec.name)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(paths.root / ".driver.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ConfigError(f"another `moe-sweep run` is driving sweep '{spec.name}' ({paths.root})") from None
-    try:
-        cleaned = cleanup_orphans(paths.pids)  # what a killed driver of this sweep left running
-        if cleaned:
-            console.print(f"stopped {cleaned} Ray processes left by a previous driver of this sweep")
-        _prepare_folder(paths, sweep, options.restart)
-        states = trial_states(paths)  # read once: 2,000 per-trial files take seconds
-        finished = sum(r["status"] in TERMINAL for r in states.values())
-        pending = [t for t in plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL]
-        est_hours = sum(t.est_hours for t in pending) if spec.method != "bayes" else None
-        write_json(paths.driver, {"pid": os.getpid(), "create_time": psutil.Process().create_time(),
-                                   "started": time.time(), "planned": plan.planned_trials,
-                                   "finished_before": finished, "est_hours": est_hours})
-        return _run(plan, sweep, paths, pending, options, console)
-    finally:
-        lock.release()
+    if options.simulate is not None and not options.simulate > 0:
+        raise ConfigError(f"--simulate takes a positive time scale (planned hours x SCALE), not {options.simulate}")
+    sweeps = []
+    for sweep in load_sweeps(paths):
+        plan = plan_sweep(sweep)
+        if sweep.spec.method != "bayes" and not plan.trials:
+            reasons = list(dict.fromkeys(s.reason for s in plan.skipped))
+            more = f" (and {len(reasons) - 3} more reasons)" if len(reasons) > 3 else ""
+            raise ConfigError(f"{sweep.path}: every point of the sweep is infeasible, nothing to run: "
+                              + "; ".join(reasons[:3]) + more)
+        sweeps.append(_Sweep(sweep, plan, SweepPaths(options.runs_dir, sweep.spec.name), []))
+    _check_one_search({s.name: s for s in sweeps})
+    with ExitStack() as stack:
+        for s in sweeps:
+            s.paths.root.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(s.paths.root / ".driver.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise ConfigError(f"another `moe-sweep run` is driving sweep '{s.name}' ({s.paths.root})") from None
+            stack.callback(lock.release)
+        for s in sweeps:
+            cleaned = cleanup_orphans(s.paths.pids)  # what a killed driver of this sweep left running
+            if cleaned:
+                console.print(f"stopped {cleaned} Ray processes left by a previous driver of sweep {s.name}")
+            _prepare_folder(s.paths, s.sweep, options.restart)
+            states = trial_states(s.paths)  # read once: 2,000 per-trial files take seconds
+            finished = sum(r["status"] in TERMINAL for r in states.values())
+            s.pending = [t for t in s.plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL]
+            est_hours = sum(t.est_hours for t in s.pending) if s.sweep.spec.method != "bayes" else None
+            write_json(s.paths.driver, {"pid": os.getpid(), "create_time": psutil.Process().create_time(),
+                                        "started": time.time(), "planned": s.plan.planned_trials,
+                                        "finished_before": finished, "est_hours": est_hours,
+                                        "queue": [o.name for o in sweeps], "simulated": options.simulate is not None})
+        _run({s.name: s for s in sweeps}, options, console)
+    return {s.name: _counts(s.paths) for s in sweeps}
 
 
-def _run(plan: Plan, sweep: SweepFile, paths: SweepPaths, pending: list, options: RunOptions,
-         console: Console) -> dict[str, int]:
-    """MLflow catch-up, then Ray up, Tune over the `pending` trials (grid/random), Ray down."""
-    spec = sweep.spec
-    mlflow = MLflowSync(options.mlflow_uri or default_uri(options.runs_dir), spec.name, spec.description)
-    if options.restart:
-        mlflow.reset()
-    mlflow.sync(paths)  # anything a previous run finished while MLflow was down
-    if spec.method != "bayes" and not pending:
-        console.print(f"{spec.name}: all {plan.planned_trials} trials are finished; nothing to run (--restart starts over)")
-        return _counts(paths)
+def _run(sweeps: dict[str, _Sweep], options: RunOptions, console: Console) -> None:
+    """MLflow catch-up, then Ray up, Tune over the pending trials, Ray down."""
+    for s in sweeps.values():
+        s.mlflow = MLflowSync(options.mlflow_uri or default_uri(options.runs_dir), s.name, s.sweep.spec.description)
+        if options.restart:
+            s.mlflow.reset()
+        s.mlflow.sync(s.paths)  # anything a previous run finished while MLflow was down
+    bayes = next((s for s in sweeps.values() if s.sweep.spec.method == "bayes"), None)
+    if bayes is None and not any(s.pending for s in sweeps.values()):
+        for s in sweeps.values():
+            console.print(f"{s.name}: all {s.plan.planned_trials} trials are finished; nothing to run (--restart starts over)")
+        return
 
     _quiet_tune()
-    session = start_ray(options.address, options.num_cpus, paths.pids, options.dashboard)
+    first = next(iter(sweeps.values()))
+    session = start_ray(options.address, options.num_cpus, first.paths.pids, options.dashboard)
+    for s in list(sweeps.values())[1:]:  # each sweep's folder knows what to clean up after a kill
+        if first.paths.pids.exists():
+            shutil.copyfile(first.paths.pids, s.paths.pids)
+    mlflow = MLflowQueue({s.name: (s.mlflow, s.paths) for s in sweeps.values()})
     try:
         if session.dashboard_url:
             console.print(f"Ray dashboard: {session.dashboard_url} (its REST API wants the token in {auth_token_path()}: "
                           f"curl -H \"Authorization: Bearer $(cat {auth_token_path()})\" ...)", soft_wrap=True)
-        _check_resources(sweep)
-        setup = _tune_setup(sweep, paths, pending, options, session.num_cpus)
+        for s in sweeps.values():
+            _check_resources(s)
+        setup = _tune_setup(sweeps, bayes, options, session.num_cpus)
         if setup is None:
-            console.print(f"{spec.name}: all {spec.trials} points are sampled and finished")
-            return _counts(paths)
+            console.print(f"{bayes.name}: all {bayes.sweep.spec.trials} points are sampled and finished")
+            return
         trainable, param_space, tune_config, total = setup
-        finished = plan.planned_trials - len(pending) if spec.method != "bayes" else 0
-        if finished:
-            console.print(f"{spec.name}: {finished} of {plan.planned_trials} trials already finished; running {total}")
-        metric = spec.metrics[0]
-        view = LiveView(console, spec.name, total, metric.name, metric.goal, session.dashboard_url)
-        for t in pending if spec.method != "bayes" else ():
-            view.label(t.trial_id, t.params, t.seed if len(spec.seed_list) > 1 else None)
+        for s in sweeps.values():
+            finished = s.plan.planned_trials - len(s.pending) if s.sweep.spec.method != "bayes" else 0
+            if finished:
+                console.print(f"{s.name}: {finished} of {s.plan.planned_trials} trials already finished; running {len(s.pending)}")
+        metric = first.sweep.spec.metrics[0]
+        title = first.name if len(sweeps) == 1 else f"{len(sweeps)} sweeps ({', '.join(sweeps)})"
+        view = LiveView(console, title, total, metric.name, metric.goal, session.dashboard_url)
+        for s in sweeps.values():
+            seeds = len(s.sweep.spec.seed_list) > 1
+            for t in s.pending if s.sweep.spec.method != "bayes" else ():
+                params = t.params if len(sweeps) == 1 else {"sweep": s.name, **t.params}
+                view.label(queue_key(s.name, t.trial_id), params, t.seed if seeds else None)
+        retries = max(s.sweep.spec.retries for s in sweeps.values())
         run_config = tune.RunConfig(
-            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths.ray), verbose=0,
-            failure_config=tune.FailureConfig(max_failures=spec.retries),
+            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(_tune_storage(sweeps, options)), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[ResultsCallback(paths, view, mlflow)],
+            callbacks=[ResultsCallback(str(first.paths.root), _Driver(sweeps, view, mlflow))],
         )
-        mlflow.start_background(paths)
+        mlflow.start()
         try:
             with view:
                 tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
         finally:
-            mlflow.stop_background()
+            mlflow.stop()
     finally:
-        stop_ray(session, paths.pids)
-    mlflow.sync_unlogged(paths)
-    mlflow.close()
-    if mlflow.failed:
-        console.print(f"[yellow]MLflow not updated ({mlflow.failed}); results are in Parquet, "
-                      f"and the next run syncs them[/yellow]")
-    counts = _counts(paths)
-    console.print(f"{spec.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                  + f" -> {paths.root}")
-    return counts
+        stop_ray(session, first.paths.pids)
+    for s in sweeps.values():
+        s.mlflow.sync_unlogged(s.paths)
+        s.mlflow.close()
+        if s.mlflow.failed:
+            console.print(f"[yellow]MLflow not updated for {s.name} ({s.mlflow.failed}); results are in Parquet, "
+                          f"and the next run syncs them[/yellow]")
+        counts = _counts(s.paths)
+        console.print(f"{s.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" -> {s.paths.root}")
+
+
+def _tune_storage(sweeps: dict[str, _Sweep], options: RunOptions) -> Path:
+    """Tune's experiment folder: the sweep's own, or one per queue of several sweeps."""
+    if len(sweeps) == 1:
+        return next(iter(sweeps.values())).paths.ray
+    return Path(options.runs_dir).resolve() / ".queues" / "+".join(sorted(sweeps))[:200]
 
 
 def _quiet_tune() -> None:
@@ -223,61 +314,145 @@ def _quiet_tune() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
-def _check_resources(sweep: SweepFile) -> None:
-    """A worker that asks for more than the whole cluster has would wait forever: say so."""
+def _check_resources(s: _Sweep) -> None:
+    """A trial that asks for more than the cluster has would wait forever: say so."""
     import ray
 
-    r, have = sweep.spec.resources, ray.cluster_resources()
+    have = ray.cluster_resources()
+    r = s.sweep.spec.resources
     for name, need in (("CPU", r.cpus), ("GPU", r.gpus)):
         if need > have.get(name, 0.0):
-            raise ConfigError(f"{sweep.path}: resources: each worker needs {need:g} {name}s but the Ray cluster has "
+            raise ConfigError(f"{s.sweep.path}: resources: each worker needs {need:g} {name}s but the Ray cluster has "
                               f"{have.get(name, 0.0):g}; lower resources.{name.lower()}s or join a bigger cluster (--address)")
+    widest = max(s.pending or ([s.plan.estimate] if s.plan.estimate else []), key=lambda t: t.shape.gpus, default=None)
+    if widest is not None and widest.shape.gpus > have.get("GPU", 0.0):
+        raise ConfigError(f"{s.sweep.path}: trial {widest.trial_id} is planned on {widest.shape.gpus:g} GPUs but the Ray "
+                          f"cluster has {have.get('GPU', 0.0):g}; join a bigger cluster (--address) or set resources.workers")
+
+
+def trial_resources(shape: TrialShape) -> tune.PlacementGroupFactory:
+    """What Tune reserves for a trial before it starts. One worker: its resources (the trial's
+    own process trains there). Several: a token bundle for the trial's process, which drives
+    them; Ray Train reserves the workers' own placement group, placed as `shape.placement` says
+    (Ray Train V2 always makes its own group; a Tune reservation of the same GPUs would be
+    held twice). `--simulate` follows the same split (`orchestrator.simulation`)."""
+    if shape.workers == 1:
+        return tune.PlacementGroupFactory([shape.worker_bundle()])
+    return tune.PlacementGroupFactory([DRIVER_BUNDLE])
+
+
+# What a wide trial's own process asks for: it only waits on its workers, and a CPU share would
+# leave a node that its workers fill exactly one CPU short. Ray needs a non-empty request.
+DRIVER_BUNDLE = {"memory": 1}
+
+
+def queue_order(trials: list[tuple[str, PlannedTrial]]) -> list[tuple[str, PlannedTrial]]:
+    """Longest planned wall time first (widest first on ties): the last trials to start are the
+    shortest, so the queue's tail is short (`orchestrator.cluster_model.longest_first`)."""
+    return sorted(trials, key=lambda st: (-st[1].est_hours, -st[1].shape.gpus, st[0], st[1].trial_id))
 
 
 def _tune_setup(
-    sweep: SweepFile, paths: SweepPaths, pending: list, options: RunOptions, cluster_cpus: float
+    sweeps: dict[str, _Sweep], bayes: _Sweep | None, options: RunOptions, cluster_cpus: float
 ) -> tuple[Any, dict[str, Any], Any, int] | None:
-    """The trainable, search space, TuneConfig and trial count for the sweep's method; None when a
-    Bayesian sweep has sampled and finished every point already."""
-    spec, r = sweep.spec, sweep.spec.resources
-    per_trial_cpus = r.cpus * r.workers
-    fit = max(1, int(cluster_cpus // per_trial_cpus)) if per_trial_cpus else 1
-    concurrent = min(spec.max_concurrent or fit, fit)
+    """The trainable, search space, TuneConfig and trial count; None when a Bayesian sweep has
+    sampled and finished every point already."""
     ctx = TrialContext(
-        runs_dir=str(paths.runs), sweep=spec.name, method=spec.method, sweep_file=str(paths.snapshot),
-        seed=spec.seed_list[0], param_names=tuple(spec.parameters), threads=max(1, int(r.cpus)),
-        workers=r.workers, gpus_per_worker=r.gpus, cpus_per_worker=r.cpus, noop=options.noop,
+        runs_dir=str(Path(options.runs_dir).resolve()), noop=options.noop, simulate=options.simulate,
+        sweeps={s.name: (s.sweep.spec.method, str(s.paths.snapshot), s.sweep.spec.seed_list[0], tuple(s.sweep.spec.parameters))
+                for s in sweeps.values()},
     )
-    # A multi-worker trial's own process only drives Ray Train's workers, which hold the
-    # resources; Tune needs a non-empty request, so it asks for a token amount of memory.
-    trial_resources = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": 0, "memory": 1}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
-    metric = spec.metrics[0]
-    scheduler = None
-    if spec.early_stopping:
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(
-            metric=metric.name, mode=metric.mode, time_attr="evals", grace_period=spec.early_stopping.grace_period,
-            reduction_factor=spec.early_stopping.reduction_factor, max_t=10**9,
-        )
-    if spec.method == "bayes":
+    limits = [s.sweep.spec.max_concurrent for s in sweeps.values() if s.sweep.spec.max_concurrent]
+    concurrent = min(limits) if limits else None  # else: as many as the cluster holds
+    scheduler = _scheduler(next(iter(sweeps.values())).sweep.spec)
+    if bayes is not None:
         from orchestrator.search_space import optuna_searcher, search_space
 
-        searcher, remaining = optuna_searcher(spec, paths)
+        spec = bayes.sweep.spec
+        searcher, remaining = optuna_searcher(spec, bayes.paths)
         if remaining == 0:
             return None
+        fallback = bayes.plan.estimate.shape if bayes.plan.estimate else TrialShape(
+            spec.resources.workers or 1, spec.resources.gpus, spec.resources.cpus, 1 << 30)
+        resources = _PointResources(str(bayes.paths.snapshot), spec.seed_list[0], fallback)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
         return trainable, search_space(spec), tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=remaining, max_concurrent_trials=concurrent,
-            reuse_actors=True), remaining
-    # Tune's configs carry only trial ids (its experiment state is saved often, and grows with
-    # config size); each trial reads its resolved plan from runs/<sweep>/plan/.
-    for t in pending:
-        write_json(paths.plan / f"{t.trial_id}.json", trial_meta(t, spec.method))
-    return trainable, {"trial_id": tune.grid_search([t.trial_id for t in pending])}, tune.TuneConfig(
-        scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
-        trial_name_creator=lambda t: t.config["trial_id"], trial_dirname_creator=lambda t: t.config["trial_id"],
-    ), len(pending)
+            search_alg=searcher, scheduler=scheduler, num_samples=remaining,
+            max_concurrent_trials=concurrent or _fit(fallback, cluster_cpus), reuse_actors=True), remaining
+    # Tune's configs carry only `sweep/trial_id` keys (its experiment state is saved often, and
+    # grows with config size); each trial reads its resolved plan from runs/<sweep>/plan/.
+    queue = queue_order([(s.name, t) for s in sweeps.values() for t in s.pending])
+    for name, t in queue:
+        write_json(sweeps[name].paths.plan / f"{t.trial_id}.json", trial_meta(t, sweeps[name].sweep.spec.method))
+    resources = {queue_key(name, t.trial_id): trial_resources(t.shape) for name, t in queue}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), lambda config: resources[config["trial"]])
+    return trainable, {"trial": tune.grid_search([queue_key(name, t.trial_id) for name, t in queue])}, tune.TuneConfig(
+        scheduler=scheduler, max_concurrent_trials=concurrent or _live_limit([t for _, t in queue]), reuse_actors=True,
+        trial_name_creator=lambda t: t.config["trial"].replace("/", "-"),
+        trial_dirname_creator=lambda t: t.config["trial"].replace("/", "-"),
+    ), len(queue)
+
+
+class _PointResources:
+    """A Bayesian point's resources: the shape the planner gives the sampled point (Tune asks
+    when it creates the trial), or the sweep's typical shape for a point that is infeasible."""
+
+    def __init__(self, sweep_file: str, seed: int, fallback: TrialShape) -> None:
+        self.sweep_file, self.seed, self.fallback = sweep_file, seed, fallback
+        self._planner: Any = None
+
+    def __call__(self, config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        from orchestrator.planner import Planner
+        from orchestrator.study import Infeasible
+
+        if self._planner is None:
+            self._planner = Planner(SweepFile(self.sweep_file))
+        names = self._planner.spec.parameters
+        try:
+            shape = self._planner.resolve({n: config[n] for n in names}, self.seed).shape
+        except (Infeasible, ConfigError, KeyError):
+            shape = self.fallback
+        return trial_resources(shape)
+
+
+def _live_limit(trials: list[PlannedTrial]) -> int:
+    """Trials alive at once when no sweep sets max_concurrent: as many as the cluster could run
+    if each were the queue's narrowest. A wide trial's process is alive while its workers wait
+    for their placement group, so without a limit every queued trial would be a process."""
+    import ray
+
+    have = ray.cluster_resources()
+    gpu = min((t.shape.gpus for t in trials if t.shape.gpus_per_worker), default=0.0)
+    if gpu:
+        return max(1, int(have.get("GPU", 0.0) // gpu))
+    cpus = min(t.shape.workers * t.shape.cpus_per_worker for t in trials)
+    return max(1, int(have.get("CPU", 0.0) // cpus))
+
+
+def _fit(shape: TrialShape, cluster_cpus: float) -> int:
+    per_trial = shape.cpus_per_worker * shape.workers
+    return max(1, int(cluster_cpus // per_trial)) if per_trial else 1
+
+
+def _check_one_search(sweeps: dict[str, _Sweep]) -> None:
+    """One Tune run has one early-stopping scheduler: the queued sweeps must agree on it."""
+    first = next(iter(sweeps.values()))
+    for s in sweeps.values():
+        if (s.sweep.spec.early_stopping, s.sweep.spec.metrics[0]) != (first.sweep.spec.early_stopping, first.sweep.spec.metrics[0]):
+            raise ConfigError(f"{s.sweep.path}: early_stopping and metric differ from {first.sweep.path}'s; sweeps that stop "
+                              "trials early run in one queue only with the same settings (run them separately)")
+
+
+def _scheduler(spec: Any) -> Any:
+    if not spec.early_stopping:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    metric = spec.metrics[0]
+    return ASHAScheduler(
+        metric=metric.name, mode=metric.mode, time_attr="evals", grace_period=spec.early_stopping.grace_period,
+        reduction_factor=spec.early_stopping.reduction_factor, max_t=10**9,
+    )
 
 
 def _counts(paths: SweepPaths) -> dict[str, int]:

@@ -30,11 +30,20 @@ class MetricSpec(StrictConfig):
 class ResourcesSpec(StrictConfig):
     cpus: Annotated[float, Field(gt=0)] = 1.0  # per worker
     gpus: Annotated[float, Field(ge=0)] = 0.0  # per worker; fractions share a GPU
-    workers: Annotated[int, Field(ge=1)] = 1  # data-parallel workers per trial
+    # Data-parallel workers per trial. Unset on a GPU sweep: each trial gets its own count from
+    # the planner (`orchestrator.shapes`: the fewest that fit, raised while a trial would run
+    # longer than `max_hours`); unset on a CPU sweep: 1. A number fixes it for every trial.
+    workers: Annotated[int, Field(ge=1)] | None = None
     # How a trial's weights, gradients and optimizer states are spread over its workers: `none`
     # (DDP: replicated), `fsdp` (FSDP2: sharded) or `auto`, the smallest that the memory plan
     # says fits the sweep's GPU (moe_core.memory); a trial that fits nowhere is skipped.
     sharding: Literal["auto", "none", "fsdp"] = "auto"
+    gpus_per_node: Annotated[int, Field(ge=1)] = 8  # the cluster's nodes: a trial up to a node is placed on one
+    # A trial planned longer than this gets more workers (while `min_efficiency` holds): a day
+    # keeps the longest trial far below a study's wall time on a few nodes, and bounds what a lost
+    # node can cost between checkpoints.
+    max_hours: Annotated[float, Field(gt=0)] = 24.0
+    min_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.8  # data-parallel efficiency floor when raising
 
 
 class EarlyStoppingSpec(StrictConfig):

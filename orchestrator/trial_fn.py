@@ -16,13 +16,15 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moe_core.files import write_parquet
-from orchestrator.results import FAILED, INFEASIBLE, RUNNING, SweepPaths, planned_columns, point_columns, trial_row, write_row
+from orchestrator.results import (FAILED, INFEASIBLE, RUNNING, SweepPaths, planned_columns, point_columns, read_rows_of,
+                                  trial_row, write_row)
 
 # Keys of the trainer's step rows that are reported to Tune (names with '/' are per-set or
 # per-layer detail: they go to the steps table only).
@@ -31,19 +33,25 @@ _REPORT_EXCLUDE = ("routing/", "val_loss/")
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial of a sweep shares (passed once through the object store)."""
+    """What every trial of a run shares (passed once through the object store)."""
 
     runs_dir: str
-    sweep: str
-    method: str
-    sweep_file: str  # the snapshot of the sweep YAML (bayes trials resolve their point from it)
-    seed: int  # bayes: the training seed of every point
-    param_names: tuple[str, ...]
-    threads: int  # torch threads per worker (the trial's CPUs)
-    workers: int
-    gpus_per_worker: float
-    cpus_per_worker: float
+    # sweep name -> (method, the snapshot of its YAML (bayes trials resolve their point from it),
+    # its first training seed (bayes: the seed of every point), its parameter names)
+    sweeps: dict[str, tuple[str, str, int, tuple[str, ...]]]
     noop: bool = False  # skip training: the orchestrator's own overhead, for benchmarks
+    simulate: float | None = None  # hold the trial's resources for planned hours x this, no training
+
+
+def queue_key(sweep: str, trial_id: str) -> str:
+    """A trial's name in a queue of several sweeps (ids are per sweep: two sweeps may plan the
+    same resolved trial)."""
+    return f"{sweep}/{trial_id}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    sweep, _, trial_id = key.rpartition("/")
+    return sweep, trial_id
 
 
 def trial_meta(planned: Any, method: str) -> dict[str, Any]:
@@ -63,32 +71,40 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from orchestrator.planner import Planner, SweepFile
     from orchestrator.study import Infeasible
 
-    paths = SweepPaths(ctx.runs_dir, ctx.sweep)
-    if "trial_id" in config:  # grid / random: the driver wrote the resolved plan
-        meta = json.loads((paths.plan / f"{config['trial_id']}.json").read_text())
+    if "trial" in config:  # grid / random: the driver wrote the resolved plan
+        sweep, tid = split_key(config["trial"])
+        paths = SweepPaths(ctx.runs_dir, sweep)
+        meta = json.loads((paths.plan / f"{tid}.json").read_text())
     else:  # bayes: resolve the sampled point into a FLOP-matched trial here
-        point = {name: config[name] for name in ctx.param_names}
+        sweep = next(iter(ctx.sweeps))
+        method, sweep_file, seed, names = ctx.sweeps[sweep]
+        paths = SweepPaths(ctx.runs_dir, sweep)
+        point = {name: config[name] for name in names}
         try:
-            planned = Planner(SweepFile(ctx.sweep_file)).resolve(point, ctx.seed)
+            planned = Planner(SweepFile(sweep_file)).resolve(point, seed)
         except Infeasible as why:
             tid = infeasible_id(point)
-            base = point_columns(tid, ctx.sweep, ctx.method, ctx.seed, point)
+            base = point_columns(tid, sweep, method, seed, point)
             write_row(paths.trials / f"{tid}.parquet", trial_row(base, INFEASIBLE, error=str(why)))
             return  # no result: Optuna records the point as pruned, i.e. infeasible
-        meta = trial_meta(planned, ctx.method)
+        meta = trial_meta(planned, method)
     tid = meta["trial_id"]
     out = paths.trial_dir(tid)
-    base = planned_columns({**meta, "ray_node_id": _node_id()})
-    write_row(paths.trials / f"{tid}.parquet", trial_row(base, RUNNING))
+    file = paths.trials / f"{tid}.parquet"
+    before = read_rows_of(file)
+    attempt = int((before[0].get("attempts") or 0) if before else 0) + 1  # starts of this trial, retries and resumes
+    base = planned_columns({**meta, "ray_node_id": _node_id()}) | {
+        "attempts": attempt, "started_at": time.time(), "simulated": ctx.simulate is not None}
+    write_row(file, trial_row(base, RUNNING))
     try:
         _restore_tune_checkpoint(tune.get_checkpoint(), out / "checkpoints")
-        summary = _train(meta, out, ctx)
+        summary = _simulate(meta, out, ctx.simulate) if ctx.simulate is not None else _train(meta, out, ctx)
     except Exception as err:  # recorded, then re-raised so Tune applies the retry policy
         _write_steps(paths, tid, out)
-        write_row(paths.trials / f"{tid}.parquet", trial_row(base, FAILED, error=_error_text(err)))
+        write_row(file, trial_row(base, FAILED, error=_error_text(err)))
         raise
     _write_steps(paths, tid, out)
-    write_row(paths.trials / f"{tid}.parquet", trial_row(base, summary["status"], summary))
+    write_row(file, trial_row(base, summary["status"], summary))
 
 
 def _node_id() -> str | None:
@@ -109,18 +125,18 @@ def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]
     if ctx.noop:  # the overhead bench: before importing torch and the trainer (~2 s a worker)
         from ray import tune
 
-        tune.report({"moe_trial_id": meta["trial_id"], "evals": 1, "step": 0, "val_loss": 0.0})
+        tune.report({"moe_trial_id": meta["trial_id"], "moe_sweep": meta["sweep"], "evals": 1, "step": 0, "val_loss": 0.0})
         return {"status": "completed", "steps": 0, "tokens": 0, "val_loss": {}, "val_loss_macro": 0.0}
     import torch
 
     from moe_core.train.loop import train_trial
     from moe_core.trial import TrialConfig
 
-    if ctx.workers > 1:
+    if meta["workers"] > 1:
         return _train_data_parallel(meta, out, ctx)
     trial = TrialConfig.from_dict(meta["config"])
-    torch.set_num_threads(max(1, ctx.threads))
-    reporter = TuneReporter(meta["trial_id"], trial.train.checkpoint_every, trial.total_steps)
+    torch.set_num_threads(max(1, int(meta["cpus_per_worker"])))
+    reporter = TuneReporter(meta["trial_id"], meta["sweep"], trial.train.checkpoint_every, trial.total_steps)
     return train_trial(trial, out, callbacks=[reporter]).to_dict()
 
 
@@ -159,8 +175,8 @@ def _copy_checkpoint(checkpoint: Path, folder: Path) -> None:
         shutil.copy2(checkpoint, folder / checkpoint.name)
 
 
-def _report_metrics(tid: str, evals: int, row: dict[str, Any]) -> dict[str, Any]:
-    out = {"moe_trial_id": tid, "evals": evals}
+def _report_metrics(tid: str, sweep: str, evals: int, row: dict[str, Any]) -> dict[str, Any]:
+    out = {"moe_trial_id": tid, "moe_sweep": sweep, "evals": evals}
     for key, value in row.items():
         if isinstance(value, (int, float)) and not key.startswith(_REPORT_EXCLUDE):
             out[key] = value
@@ -170,8 +186,8 @@ def _report_metrics(tid: str, evals: int, row: dict[str, Any]) -> dict[str, Any]
 class TuneReporter:
     """Trainer callback: report each evaluation to Tune, with the checkpoint of that step."""
 
-    def __init__(self, trial_id: str, checkpoint_every: int, total_steps: int) -> None:
-        self.trial_id, self.every, self.total = trial_id, checkpoint_every, total_steps
+    def __init__(self, trial_id: str, sweep: str, checkpoint_every: int, total_steps: int) -> None:
+        self.trial_id, self.sweep, self.every, self.total = trial_id, sweep, checkpoint_every, total_steps
         self.evals = 0
         self.pending: dict[str, Any] | None = None
 
@@ -181,7 +197,7 @@ class TuneReporter:
     def on_step(self, step: int, row: dict[str, Any], model: Any) -> None:
         if "val_loss" not in row:
             return
-        self.pending = _report_metrics(self.trial_id, self.evals, row)
+        self.pending = _report_metrics(self.trial_id, self.sweep, self.evals, row)
         checkpoint_now = step == self.total or (self.every and step % self.every == 0)
         if not checkpoint_now:  # else on_checkpoint reports, with the checkpoint
             self._report(None)
@@ -207,8 +223,8 @@ class TrainReporter:
     """Trainer callback on Ray Train workers: every rank reports each evaluation (rank 0's
     metrics reach Tune through `TuneReportCallback`)."""
 
-    def __init__(self, trial_id: str) -> None:
-        self.trial_id, self.evals = trial_id, 0
+    def __init__(self, trial_id: str, sweep: str) -> None:
+        self.trial_id, self.sweep, self.evals = trial_id, sweep, 0
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.evals += 1
@@ -217,7 +233,7 @@ class TrainReporter:
         if "val_loss" in row:
             import ray.train
 
-            ray.train.report(_report_metrics(self.trial_id, self.evals, row))
+            ray.train.report(_report_metrics(self.trial_id, self.sweep, self.evals, row))
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         pass
@@ -232,24 +248,28 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(max(1, config["threads"]))
     trial = TrialConfig.from_dict(config["trial"])
-    train_trial(trial, config["out"], callbacks=[TrainReporter(config["trial_id"])])
+    train_trial(trial, config["out"], callbacks=[TrainReporter(config["trial_id"], config["sweep"])])
 
 
 def _train_data_parallel(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]:
+    """Ray Train's workers reserve their own placement group (Train V2 always does), placed as
+    the plan says: on one node when they fit one (`STRICT_PACK`), else on the fewest nodes."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     tid = meta["trial_id"]
+    gpus, cpus = meta["gpus_per_worker"], meta["cpus_per_worker"]
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"trial": meta["config"], "out": str(out), "trial_id": tid, "threads": int(ctx.cpus_per_worker)},
+        train_loop_config={"trial": meta["config"], "out": str(out), "trial_id": tid, "sweep": meta["sweep"],
+                           "threads": int(cpus)},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0,
-            resources_per_worker={"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})},
+            num_workers=meta["workers"], use_gpu=gpus > 0, placement_strategy=meta["placement"],
+            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=f"{tid}-train", storage_path=str(SweepPaths(ctx.runs_dir, ctx.sweep).ray / "train"),
+            name=f"{tid}-train", storage_path=str(SweepPaths(ctx.runs_dir, meta["sweep"]).ray / "train"),
             callbacks=[TuneReportCallback()],
         ),
     )
@@ -257,3 +277,11 @@ def _train_data_parallel(meta: dict[str, Any], out: Path, ctx: TrialContext) -> 
     summary = json.loads((out / "summary.json").read_text())
     return summary
 
+
+def _simulate(meta: dict[str, Any], out: Path, scale: float) -> dict[str, Any]:
+    """`--simulate SCALE`: hold the trial's resources for its planned wall time x SCALE instead of
+    training, through the same steps as a real trial (start-up, evaluations reported at the
+    planned cadence, checkpoints Tune keeps and a retry resumes from)."""
+    from orchestrator.simulation import simulate_trial
+
+    return simulate_trial(meta, out, scale)

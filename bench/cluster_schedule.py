@@ -1,0 +1,195 @@
+"""The whole study on a simulated GPU cluster: how well one queue uses it, with and without faults.
+
+Starts a Ray cluster of fake-GPU nodes on this machine (`ray.cluster_utils.Cluster`, default 8
+nodes x 8 GPUs) and runs the real orchestrator over a folder of sweeps (default the study's
+`sweeps/slicing_dicing/`, 2,358 trials) with `moe-sweep run --simulate SCALE`: planning, per-trial
+shapes, gang placement, the longest-first queue, retries, resume, Parquet and MLflow, each trial
+holding its resources for its planned wall time x SCALE instead of training. Prints, in planned
+hours, the makespan, the lower bound max(GPU-hours / GPUs, longest trial), their ratio and the
+mean GPU utilisation, for:
+
+- today's behaviour: the sweeps one after another, every trial on the YAML's shape (4 GPUs,
+  Ray's soft packing), first come first served: list-scheduled on the plan's own estimates (it
+  cannot run as one command: one sweep per command, and its rows would be another study's);
+- the new behaviour as the same model predicts it (longest first, per-trial shapes, gangs);
+- the new behaviour measured on the cluster (the real orchestrator, simulated trials).
+
+With `--faults` the measured run loses 2 worker nodes part-way (added back later) and its driver
+is SIGKILLed once, then the same command runs again; it prints `exactly once: R rows for N
+trials` and the ratio with faults.
+
+    python bench/cluster_schedule.py [--nodes 8] [--gpus-per-node 8] [--minutes 12] [--scale S]
+                                     [--faults] [--sweeps sweeps/slicing_dicing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from orchestrator.cluster_model import Job, Schedule, longest_first, simulate  # noqa: E402
+from orchestrator.planner import Plan, SweepFile, plan_sweep, sweep_files  # noqa: E402
+
+TODAY_WORKERS = 4  # every slicing_dicing YAML's `resources.workers` before per-trial shapes
+
+
+def plans(folder: str, fixed_workers: int | None = None) -> list[Plan]:
+    out = []
+    for file in sweep_files(folder):
+        sweep = SweepFile(file)
+        if fixed_workers is not None:
+            r = sweep.spec.resources.model_copy(update={"workers": fixed_workers})
+            sweep.spec = sweep.spec.model_copy(update={"resources": r})
+        out.append(plan_sweep(sweep))
+    return out
+
+
+def today(folder: str, nodes: int, per_node: int) -> Schedule:
+    jobs = [Job(t.est_hours, int(t.shape.gpus), gang=False, group=i)
+            for i, p in enumerate(plans(folder, TODAY_WORKERS)) for t in p.trials]
+    return simulate(jobs, nodes, per_node)
+
+
+def new_model(ps: list[Plan], nodes: int, per_node: int) -> Schedule:
+    return simulate(longest_first(Job(t.est_hours, int(t.shape.gpus)) for p in ps for t in p.trials), nodes, per_node)
+
+
+def line(label: str, s: Schedule) -> str:
+    return (f"{label:<34} makespan {s.makespan:7.1f} h, bound {s.bound:7.1f} h, makespan/bound {s.ratio:.3f}, "
+            f"GPU utilisation {s.utilisation:.1%}, {s.gpu_hours:,.0f} GPU-h")
+
+
+class SimCluster:
+    """A Ray cluster of fake-GPU nodes: a small head (the drivers connect there) and workers."""
+
+    def __init__(self, nodes: int, per_node: int, cpus_per_gpu: float) -> None:
+        # Fake CPUs are many; Ray must not start a Python worker per CPU (hundreds of processes).
+        os.environ.update({"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0",
+                           "RAY_num_workers_soft_limit": str(per_node + 2)})
+        from ray.cluster_utils import Cluster
+
+        self.per_node, self.cpus = per_node, int(per_node * cpus_per_gpu)
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "include_dashboard": False, "object_store_memory": 200 << 20})
+        self.workers = [self.add() for _ in range(nodes)]
+        self.cluster.wait_for_nodes()
+
+    def add(self):
+        return self.cluster.add_node(num_cpus=self.cpus, num_gpus=self.per_node, object_store_memory=80 << 20)
+
+    def remove(self, k: int) -> None:
+        for node in self.workers[-k:]:
+            self.cluster.remove_node(node, allow_graceful=False)
+        self.workers = self.workers[:-k]
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+def run_driver(folder: str, address: str, runs: Path, scale: float) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", folder, "--address", address, "--simulate", repr(scale),
+           "--runs-dir", str(runs), "--mlflow-uri", f"sqlite:///{runs / 'mlflow.db'}", "--no-dashboard"]
+    log = open(runs / f"driver-{time.time():.0f}.log", "w")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def measured(ps: list[Plan], runs: Path, scale: float, gpus: int) -> tuple[Schedule, int, int, int]:
+    """The run's schedule from its rows (first start to last end, in planned hours), rows,
+    trials finished once and retried ones."""
+    from orchestrator.results import SweepPaths, read_rows
+
+    rows = [r for p in ps for r in read_rows(SweepPaths(runs, p.spec.name).trials)]
+    planned = {(p.spec.name, t.trial_id): t for p in ps for t in p.trials}
+    first = min(r["started_at"] for r in rows if r.get("started_at"))
+    start_file = runs / "first_start"
+    if start_file.exists():
+        first = min(first, float(start_file.read_text()))
+    last = max(r["updated_at"] for r in rows)
+    makespan = (last - first) / scale / 3600
+    work = sum(t.est_hours * t.shape.gpus for t in planned.values())
+    longest = max(t.est_hours for t in planned.values())
+    done = sum(1 for r in rows if r["status"] == "completed" and (r["sweep"], r["trial_id"]) in planned)
+    retried = sum(1 for r in rows if (r.get("attempts") or 1) > 1)
+    return Schedule(makespan, work, gpus, longest), len(rows), done, retried
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sweeps", default="sweeps/slicing_dicing")
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--cpus-per-gpu", type=float, default=8.0, help="fake CPUs per GPU on each node (the sweeps ask 8 per worker)")
+    parser.add_argument("--minutes", type=float, default=12.0, help="choose SCALE so the planned makespan takes this long")
+    parser.add_argument("--scale", type=float, help="simulated seconds per planned second (overrides --minutes)")
+    parser.add_argument("--faults", action="store_true", help="lose 2 nodes part-way (back later) and SIGKILL the driver once")
+    parser.add_argument("--keep", help="keep the run's folder here (default: a temporary one)")
+    args = parser.parse_args()
+    nodes, per_node = args.nodes, args.gpus_per_node
+    gpus = nodes * per_node
+    folder = str(Path(args.sweeps).resolve())
+
+    ps = plans(folder)
+    old, model = today(folder, nodes, per_node), new_model(ps, nodes, per_node)
+    trials = sum(len(p.trials) for p in ps)
+    scale = args.scale or args.minutes * 60 / (model.makespan * 3600)
+    print(f"{trials:,} trials of {len(ps)} sweeps ({args.sweeps}) on {nodes} nodes x {per_node} fake GPUs; "
+          f"SCALE {scale:.3g} (1 planned hour = {3600 * scale:.2f} s)", flush=True)
+    print(line("today (model: one sweep at a time)", old))
+    print(line("new (model: one queue)", model), flush=True)
+
+    runs = Path(args.keep or tempfile.mkdtemp(prefix="cluster-schedule-"))
+    runs.mkdir(parents=True, exist_ok=True)
+    cluster = SimCluster(nodes, per_node, args.cpus_per_gpu)
+    try:
+        (runs / "first_start").write_text(repr(time.time()))
+        driver = run_driver(folder, cluster.cluster.address, runs, scale)
+        if args.faults:
+            expected = model.makespan * 3600 * scale
+            _faults(driver, cluster, folder, runs, scale, expected)
+        else:
+            driver.wait()
+    finally:
+        cluster.shutdown()
+    schedule, rows, done, retried = measured(ps, runs, scale, gpus)
+    label = "new (measured, with faults)" if args.faults else "new (measured on the cluster)"
+    print(line(label, schedule))
+    print(f"exactly once: {rows} rows for {trials} trials ({done} completed once each, {retried} started more than once)")
+    print(f"makespan/bound: today {old.ratio:.3f}, new {schedule.ratio:.3f}{' with faults' if args.faults else ''} "
+          f"(model {model.ratio:.3f}); planned GPU-hours today {old.gpu_hours:,.0f}, new {model.gpu_hours:,.0f}")
+    print(f"results: {runs}")
+
+
+def _faults(driver: subprocess.Popen, cluster: SimCluster, folder: str, runs: Path, scale: float, expected: float) -> None:
+    """Remove 2 nodes at 25% of the expected run, kill the driver at 40%, restart it at once,
+    add the nodes back at 60%."""
+    start = time.time()
+
+    def at(fraction: float) -> None:
+        time.sleep(max(0.0, start + fraction * expected - time.time()))
+
+    at(0.25)
+    cluster.remove(2)
+    print(f"[{time.time() - start:.0f} s] removed 2 nodes", flush=True)
+    at(0.40)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    print(f"[{time.time() - start:.0f} s] SIGKILLed the driver; running the same command again", flush=True)
+    driver = run_driver(folder, cluster.cluster.address, runs, scale)
+    at(0.60)
+    cluster.workers += [cluster.add(), cluster.add()]
+    print(f"[{time.time() - start:.0f} s] added 2 nodes back", flush=True)
+    driver.wait()
+
+
+if __name__ == "__main__":
+    main()
