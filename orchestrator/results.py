@@ -71,7 +71,7 @@ TRIALS_SCHEMA: dict[str, pa.DataType] = {
     "steps": _I, "tokens": _I, "train_loss": _F, "val_loss": _F, "perplexity": _F,
     "probe_loss_increase": _F, "probe_acc_drop": _F, "probe_json": _S, "wall_seconds": _F, "tokens_per_second": _F,
     "workers": _I, "gpus": _F, "placement": _S, "est_hours": _F, "hardware": _S,
-    "attempts": _I, "started_at": _F, "simulated": pa.bool_(),
+    "attempts": _I, "started_at": _F, "first_started_at": _F, "simulated": pa.bool_(),
     "error": _S, "config_json": _S, "node": _S, "ray_node_id": _S, "updated_at": _F,
 }
 

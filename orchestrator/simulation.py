@@ -1,9 +1,8 @@
 """A simulated trial (`moe-sweep run ... --simulate SCALE`): the real orchestrator, no training.
 
-The trial holds the resources of its planned shape for its planned wall time x SCALE, in one
-light process whatever its worker count: a one-worker trial holds the bundle Tune placed it in;
-a wider one reserves its workers' placement group itself, as Ray Train does for a real one (same
-bundles, same strategy), and holds it without starting worker processes. Its timeline follows
+The trial holds the resources of its planned shape (the placement group Tune reserved for it,
+as for a real trial) for its planned wall time x SCALE, in one light process whatever its worker
+count: the other ranks' bundles stay reserved, but no worker processes start. Its timeline follows
 the plan: the start-up term first (paid again on every retry), then the steps, an evaluation
 reported to Tune every `eval_every` steps and a checkpoint every `checkpoint_every` (and at the
 end), kept by Tune and in the trial folder, so a retry or a resumed run continues from the last
@@ -23,7 +22,12 @@ from typing import Any
 from moe_core.files import write_json
 
 # Longest single sleep: how often a wide trial checks that its placement group still stands.
-POLL_SECONDS = 1.0
+POLL_SECONDS = 2.0
+# Fewest real seconds between two reports of one trial. SCALE compresses a day into seconds but
+# not Tune's driver, which handles each report (a 2-core driver, a few hundred a minute over the
+# whole queue); evaluations due in between are folded into the next report (`evals` counts them
+# all), and it carries the latest checkpoint reached.
+MIN_REPORT_SECONDS = 5.0
 
 
 class LostWorkers(RuntimeError):
@@ -52,29 +56,21 @@ def _checkpoint(folder: Path, step: int) -> Path:
 
 
 class _Group:
-    """The placement group a wide simulated trial reserves for its workers, as Ray Train's
-    worker group does for a real one (Ray removes it with the trial's process if that dies)."""
+    """The placement group Tune reserved for a wide simulated trial (its workers' bundles)."""
 
-    def __init__(self, meta: dict[str, Any]) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
+    def __init__(self) -> None:
+        from ray.util.placement_group import get_current_placement_group
 
-        gpus, cpus = meta["gpus_per_worker"], meta["cpus_per_worker"]
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        self.pg = placement_group([bundle] * meta["workers"], strategy=meta["placement"])
-        ray.get(self.pg.ready())  # waits, as Ray Train's workers would, until the gang is placed
+        self.pg = get_current_placement_group()
 
     def check(self) -> None:
         from ray.util.placement_group import placement_group_table
 
+        if self.pg is None:
+            return
         state = placement_group_table(self.pg).get("state")
         if state != "CREATED":
             raise LostWorkers(f"placement group {self.pg.id.hex()} is {state}: a node of the worker group was lost")
-
-    def release(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        remove_placement_group(self.pg)
 
 
 def simulate_trial(meta: dict[str, Any], out: Path, scale: float) -> dict[str, Any]:
@@ -92,34 +88,33 @@ def simulate_trial(meta: dict[str, Any], out: Path, scale: float) -> dict[str, A
     folder = out / "checkpoints"
     start = time.time()
     step, _ = _latest(folder)
-    group = _Group(meta) if meta["workers"] > 1 else None
-    try:
-        _hold(startup * 3600 * scale, group)
-        evals = step // eval_every
-        while step < total_steps:
-            nxt = min(total_steps, (step // eval_every + 1) * eval_every)
-            if ckpt_every:
-                nxt = min(nxt, (step // ckpt_every + 1) * ckpt_every)
-            _hold((nxt - step) * step_seconds, group)
-            step = nxt
-            is_eval = step % eval_every == 0 or step == total_steps
-            is_ckpt = step == total_steps or (ckpt_every and step % ckpt_every == 0)
-            if not (is_eval or is_ckpt):
-                continue
-            evals += is_eval
-            metrics = {"moe_trial_id": meta["trial_id"], "moe_sweep": meta["sweep"], "evals": evals, "step": step,
-                       "tokens": step * train["batch_tokens"], "simulated": 1}
-            if is_ckpt:
-                path = _checkpoint(folder, step)
-                with tempfile.TemporaryDirectory() as tmp:
-                    (Path(tmp) / path.name).write_text(path.read_text())
-                    (Path(tmp) / "latest").write_text(path.name)
-                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-            else:
-                tune.report(metrics)
-    finally:
-        if group is not None:
-            group.release()
+    group = _Group() if meta["workers"] > 1 else None
+    _hold(startup * 3600 * scale, group)
+    evals = step // eval_every
+    last_report, checkpointed = time.time(), False
+    while step < total_steps:
+        nxt = min(total_steps, (step // eval_every + 1) * eval_every)
+        if ckpt_every:
+            nxt = min(nxt, (step // ckpt_every + 1) * ckpt_every)
+        _hold((nxt - step) * step_seconds, group)
+        step = nxt
+        is_eval = step % eval_every == 0 or step == total_steps
+        is_ckpt = step == total_steps or bool(ckpt_every and step % ckpt_every == 0)
+        evals += is_eval
+        checkpointed |= is_ckpt
+        if not (is_eval or is_ckpt) or (step < total_steps and time.time() - last_report < MIN_REPORT_SECONDS):
+            continue
+        last_report, is_ckpt, checkpointed = time.time(), checkpointed, False
+        metrics = {"moe_trial_id": meta["trial_id"], "moe_sweep": meta["sweep"], "evals": evals, "step": step,
+                   "tokens": step * train["batch_tokens"], "simulated": 1}
+        if is_ckpt:
+            path = _checkpoint(folder, step)
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / path.name).write_text(path.read_text())
+                (Path(tmp) / "latest").write_text(path.name)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            tune.report(metrics)
     return {"status": "completed", "steps": total_steps, "tokens": total_steps * train["batch_tokens"],
             "wall_seconds": time.time() - start, "val_loss": {}, "val_loss_macro": None}
 

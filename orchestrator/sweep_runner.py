@@ -331,19 +331,12 @@ def _check_resources(s: _Sweep) -> None:
 
 
 def trial_resources(shape: TrialShape) -> tune.PlacementGroupFactory:
-    """What Tune reserves for a trial before it starts. One worker: its resources (the trial's
-    own process trains there). Several: a token bundle for the trial's process, which drives
-    them; Ray Train reserves the workers' own placement group, placed as `shape.placement` says
-    (Ray Train V2 always makes its own group; a Tune reservation of the same GPUs would be
-    held twice). `--simulate` follows the same split (`orchestrator.simulation`)."""
-    if shape.workers == 1:
-        return tune.PlacementGroupFactory([shape.worker_bundle()])
-    return tune.PlacementGroupFactory([DRIVER_BUNDLE])
-
-
-# What a wide trial's own process asks for: it only waits on its workers, and a CPU share would
-# leave a node that its workers fill exactly one CPU short. Ray needs a non-empty request.
-DRIVER_BUNDLE = {"memory": 1}
+    """What Tune reserves for a trial before it starts: all of its workers' resources as one
+    placement group, placed as a gang (`shape.placement`: one node, or the fewest nodes), so a
+    wide trial waits in Tune's queue like a narrow one. The trial's own process runs in bundle 0
+    (rank 0, or the whole of a simulated trial); `orchestrator.worker_group` puts the other ranks
+    in the other bundles."""
+    return tune.PlacementGroupFactory([shape.worker_bundle() for _ in range(shape.workers)], strategy=shape.placement)
 
 
 def queue_order(trials: list[tuple[str, PlannedTrial]]) -> list[tuple[str, PlannedTrial]]:
@@ -387,7 +380,7 @@ def _tune_setup(
     resources = {queue_key(name, t.trial_id): trial_resources(t.shape) for name, t in queue}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), lambda config: resources[config["trial"]])
     return trainable, {"trial": tune.grid_search([queue_key(name, t.trial_id) for name, t in queue])}, tune.TuneConfig(
-        scheduler=scheduler, max_concurrent_trials=concurrent or _live_limit([t for _, t in queue]), reuse_actors=True,
+        scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
         trial_name_creator=lambda t: t.config["trial"].replace("/", "-"),
         trial_dirname_creator=lambda t: t.config["trial"].replace("/", "-"),
     ), len(queue)
@@ -413,20 +406,6 @@ class _PointResources:
         except (Infeasible, ConfigError, KeyError):
             shape = self.fallback
         return trial_resources(shape)
-
-
-def _live_limit(trials: list[PlannedTrial]) -> int:
-    """Trials alive at once when no sweep sets max_concurrent: as many as the cluster could run
-    if each were the queue's narrowest. A wide trial's process is alive while its workers wait
-    for their placement group, so without a limit every queued trial would be a process."""
-    import ray
-
-    have = ray.cluster_resources()
-    gpu = min((t.shape.gpus for t in trials if t.shape.gpus_per_worker), default=0.0)
-    if gpu:
-        return max(1, int(have.get("GPU", 0.0) // gpu))
-    cpus = min(t.shape.workers * t.shape.cpus_per_worker for t in trials)
-    return max(1, int(have.get("CPU", 0.0) // cpus))
 
 
 def _fit(shape: TrialShape, cluster_cpus: float) -> int:

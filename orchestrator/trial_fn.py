@@ -5,9 +5,9 @@ ends) so that a crash of the driver loses nothing a trial finished. It trains in
 `runs/<sweep>/trial_runs/<trial_id>/`, so a re-run of the same trial (a Tune retry, or a later
 `moe-sweep run` after the driver was killed) resumes from the trainer's last checkpoint. Each
 evaluation is reported to Tune (for search and early stopping) with the checkpoint written at that
-step, if any, as a Tune checkpoint. Trials with several workers run data-parallel through Ray
-Train's `TorchTrainer` (gloo on CPU, nccl on GPU) inside the Tune trial: DDP, or FSDP2 when the
-trial's `train.sharding` is `fsdp`.
+step, if any, as a Tune checkpoint. Trials with several workers run data-parallel in the placement
+group Tune reserved for them (`orchestrator.worker_group`; gloo on CPU, nccl on GPU): DDP, or
+FSDP2 when the trial's `train.sharding` is `fsdp`; the trial's own process is rank 0.
 """
 
 from __future__ import annotations
@@ -93,8 +93,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     file = paths.trials / f"{tid}.parquet"
     before = read_rows_of(file)
     attempt = int((before[0].get("attempts") or 0) if before else 0) + 1  # starts of this trial, retries and resumes
+    now = time.time()
+    first = (before[0].get("first_started_at") if before else None) or now
     base = planned_columns({**meta, "ray_node_id": _node_id()}) | {
-        "attempts": attempt, "started_at": time.time(), "simulated": ctx.simulate is not None}
+        "attempts": attempt, "started_at": now, "first_started_at": first, "simulated": ctx.simulate is not None}
     write_row(file, trial_row(base, RUNNING))
     try:
         _restore_tune_checkpoint(tune.get_checkpoint(), out / "checkpoints")
@@ -132,11 +134,11 @@ def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]
     from moe_core.train.loop import train_trial
     from moe_core.trial import TrialConfig
 
-    if meta["workers"] > 1:
-        return _train_data_parallel(meta, out, ctx)
     trial = TrialConfig.from_dict(meta["config"])
     torch.set_num_threads(max(1, int(meta["cpus_per_worker"])))
     reporter = TuneReporter(meta["trial_id"], meta["sweep"], trial.train.checkpoint_every, trial.total_steps)
+    if meta["workers"] > 1:
+        return _train_data_parallel(meta, out, reporter)
     return train_trial(trial, out, callbacks=[reporter]).to_dict()
 
 
@@ -219,63 +221,34 @@ class TuneReporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-class TrainReporter:
-    """Trainer callback on Ray Train workers: every rank reports each evaluation (rank 0's
-    metrics reach Tune through `TuneReportCallback`)."""
-
-    def __init__(self, trial_id: str, sweep: str) -> None:
-        self.trial_id, self.sweep, self.evals = trial_id, sweep, 0
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.evals += 1
-
-    def on_step(self, step: int, row: dict[str, Any], model: Any) -> None:
-        if "val_loss" in row:
-            import ray.train
-
-            ray.train.report(_report_metrics(self.trial_id, self.sweep, self.evals, row))
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        pass
-
-
 def _worker_loop(config: dict[str, Any]) -> None:
-    """Runs on each Ray Train worker; the process group is already initialised."""
+    """Ranks 1..W-1 of a wide trial (`orchestrator.worker_group`): join the process group, train."""
     import torch
 
+    from moe_core.train.distributed import init_from_env
     from moe_core.train.loop import train_trial
     from moe_core.trial import TrialConfig
 
     torch.set_num_threads(max(1, config["threads"]))
-    trial = TrialConfig.from_dict(config["trial"])
-    train_trial(trial, config["out"], callbacks=[TrainReporter(config["trial_id"], config["sweep"])])
+    init_from_env()
+    train_trial(TrialConfig.from_dict(config["trial"]), config["out"])
 
 
-def _train_data_parallel(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]:
-    """Ray Train's workers reserve their own placement group (Train V2 always does), placed as
-    the plan says: on one node when they fit one (`STRICT_PACK`), else on the fewest nodes."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+def _train_data_parallel(meta: dict[str, Any], out: Path, reporter: TuneReporter) -> dict[str, Any]:
+    """Rank 0 here (reporting to Tune), the other ranks in the trial's placement group."""
+    from moe_core.train.distributed import init_from_env
+    from moe_core.train.loop import train_trial
+    from moe_core.trial import TrialConfig
+    from orchestrator.worker_group import run_group
 
-    tid = meta["trial_id"]
-    gpus, cpus = meta["gpus_per_worker"], meta["cpus_per_worker"]
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"trial": meta["config"], "out": str(out), "trial_id": tid, "sweep": meta["sweep"],
-                           "threads": int(cpus)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=meta["workers"], use_gpu=gpus > 0, placement_strategy=meta["placement"],
-            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"{tid}-train", storage_path=str(SweepPaths(ctx.runs_dir, meta["sweep"]).ray / "train"),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    trainer.fit()  # raises TrainingFailedError if a worker failed
-    summary = json.loads((out / "summary.json").read_text())
-    return summary
+    trial = TrialConfig.from_dict(meta["config"])
+    config = {"trial": meta["config"], "out": str(out), "threads": int(meta["cpus_per_worker"])}
+
+    def rank0() -> dict[str, Any]:
+        init_from_env()
+        return train_trial(trial, out, callbacks=[reporter]).to_dict()
+
+    return run_group(meta["workers"], meta["cpus_per_worker"], meta["gpus_per_worker"], _worker_loop, (config,), rank0)
 
 
 def _simulate(meta: dict[str, Any], out: Path, scale: float) -> dict[str, Any]:

@@ -211,8 +211,8 @@ def test_two_worker_trial_runs_data_parallel(tmp_path, cache):
 
     single = train_trial(TrialConfig.from_dict(json.loads(row["config_json"])), tmp_path / "single")
     assert row["val_loss"] == pytest.approx(single.val_loss_macro, rel=1e-4)
-    # Ray Train's own run folder exists only if the trial went through TorchTrainer.
-    assert list((tmp_path / "runs" / "dp" / "ray" / "train").glob(f"{row['trial_id']}-train*")), "Ray Train ran the trial"
+    # Planned, reserved and run as a two-worker gang on one node.
+    assert (row["workers"], row["placement"]) == (2, "STRICT_PACK")
 
 
 def test_mlflow_down_loses_nothing_and_status_reports(tmp_path, cache, capsys):

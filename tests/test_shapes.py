@@ -73,7 +73,7 @@ def test_explicit_workers_stay_fixed(tmp_path):
 
 
 def test_placement_and_bundles():
-    from orchestrator.sweep_runner import DRIVER_BUNDLE, trial_resources
+    from orchestrator.sweep_runner import trial_resources
 
     one = TrialShape(1, 1.0, 8.0, 8)
     four = TrialShape(4, 1.0, 8.0, 8)
@@ -81,9 +81,23 @@ def test_placement_and_bundles():
     assert (four.placement, four.nodes) == (ONE_NODE, 1)
     assert (two_nodes.placement, two_nodes.nodes) == (FEWEST_NODES, 2)
     assert trial_resources(one).bundles == [{"CPU": 8.0, "GPU": 1.0}]
-    # A wide trial's own process asks only a token: its workers' group is Ray Train's (or the
-    # simulation's), with the shape's strategy.
-    assert trial_resources(four).bundles == [DRIVER_BUNDLE]
+    # Tune reserves a wide trial's whole gang: its workers' bundles, with the shape's strategy.
+    pgf = trial_resources(four)
+    assert pgf.bundles == [{"CPU": 8.0, "GPU": 1.0}] * 4 and pgf.strategy == ONE_NODE
+    assert trial_resources(two_nodes).strategy == FEWEST_NODES
+
+
+def test_rank_environments_share_a_nodes_gpus():
+    from orchestrator.worker_group import rank_envs
+
+    places = [("n1", "10.0.0.1", ["3"]), ("n1", "10.0.0.1", ["5"]), ("n2", "10.0.0.2", ["0"]), ("n2", "10.0.0.2", ["1"])]
+    envs = rank_envs(places, 29500)
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"] and {e["WORLD_SIZE"] for e in envs} == {"4"}
+    assert {e["MASTER_ADDR"] for e in envs} == {"10.0.0.1"} and {e["MASTER_PORT"] for e in envs} == {"29500"}
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3,5", "3,5", "0,1", "0,1"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "1"]
+    cpu = rank_envs([("n1", "h", []), ("n1", "h", [])], 1)
+    assert "CUDA_VISIBLE_DEVICES" not in cpu[1] and cpu[1]["LOCAL_RANK"] == "1"
 
 
 def test_startup_and_efficiency_enter_the_hours():
