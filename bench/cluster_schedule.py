@@ -9,9 +9,9 @@ hours, the makespan, the lower bound max(GPU-hours / GPUs, longest trial), their
 mean GPU utilisation, for:
 
 - today's behaviour: the sweeps one after another, every trial on the YAML's shape (4 GPUs,
-  Ray's soft packing), first come first served: list-scheduled on the plan's own estimates (it
+  Ray's soft packing), first come first served with backfill: list-scheduled on the plan's own estimates (it
   cannot run as one command: one sweep per command, and its rows would be another study's);
-- the new behaviour as the same model predicts it (longest first, per-trial shapes, gangs);
+- the new behaviour as the same model predicts it (whole-node trials first, then longest first; a look-ahead of 8; per-trial shapes, gangs);
 - the new behaviour measured on the cluster (the real orchestrator, simulated trials).
 
 With `--faults` the measured run loses 2 worker nodes part-way (added back later) and its driver
@@ -57,11 +57,12 @@ def plans(folder: str, fixed_workers: int | None = None) -> list[Plan]:
 def today(folder: str, nodes: int, per_node: int) -> Schedule:
     jobs = [Job(t.est_hours, int(t.shape.gpus), gang=False, group=i)
             for i, p in enumerate(plans(folder, TODAY_WORKERS)) for t in p.trials]
-    return simulate(jobs, nodes, per_node)
+    return simulate(jobs, nodes, per_node, window=None)  # Tune's default: hundreds of requests pending
 
 
 def new_model(ps: list[Plan], nodes: int, per_node: int) -> Schedule:
-    return simulate(longest_first(Job(t.est_hours, int(t.shape.gpus)) for p in ps for t in p.trials), nodes, per_node)
+    jobs = longest_first((Job(t.est_hours, int(t.shape.gpus)) for p in ps for t in p.trials), per_node)
+    return simulate(jobs, nodes, per_node)
 
 
 def line(label: str, s: Schedule) -> str:

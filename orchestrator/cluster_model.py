@@ -2,8 +2,10 @@
 estimates, without running anything (`moe-sweep plan --gpus N`, and the model that
 `bench/cluster_schedule.py` sets beside the real orchestrator's simulated run).
 
-Whenever GPUs free up, the queue is walked in order and every trial that fits now starts (later
-trials fill gaps an earlier one cannot use, as Ray places pending requests). A gang trial (its
+Whenever GPUs free up, the queue is walked in order and every trial that fits starts, later
+ones filling gaps an earlier one cannot use, but only among the first `window` trials still
+waiting (Tune requests that many placement groups at once: the orchestrator's look-ahead is 8,
+Tune's default hundreds; None: no limit). A gang trial (its
 `placement` STRICT_PACK) needs its GPUs on one node, a larger one whole free nodes; a trial
 without gang placement takes free GPUs anywhere (Ray's default soft packing).
 """
@@ -45,12 +47,19 @@ class Schedule:
         return self.gpu_hours / (self.makespan * self.gpus) if self.makespan else float("nan")
 
 
-def longest_first(jobs: Iterable[Job]) -> list[Job]:
-    """The queue order that keeps the tail short: longest planned first, wider first on ties."""
-    return sorted(jobs, key=lambda j: (-j.hours, -j.gpus))
+def queue_key(hours: float, gpus: float, node_gpus: float) -> tuple:
+    """The orchestrator's queue order: trials of a whole node or more first (they start while
+    the cluster is empty and then free whole nodes for each other, never waiting for narrow
+    trials to drain one), then the rest; longest planned first within each, wider on ties."""
+    return (gpus < node_gpus, -hours, -gpus)
 
 
-def simulate(jobs: Sequence[Job], nodes: int, gpus_per_node: int) -> Schedule:
+def longest_first(jobs: Iterable[Job], node_gpus: float = 8) -> list[Job]:
+    """`jobs` in the orchestrator's queue order (`queue_key`)."""
+    return sorted(jobs, key=lambda j: queue_key(j.hours, j.gpus, node_gpus))
+
+
+def simulate(jobs: Sequence[Job], nodes: int, gpus_per_node: int, window: int | None = 8) -> Schedule:
     """List-schedule `jobs` in their order on `nodes` x `gpus_per_node` GPUs."""
     for j in jobs:
         if j.gpus > nodes * gpus_per_node:
@@ -63,7 +72,10 @@ def simulate(jobs: Sequence[Job], nodes: int, gpus_per_node: int) -> Schedule:
         queue = [j for j in jobs if j.group == group]
         while queue:
             left = []
-            for j in queue:
+            for i, j in enumerate(queue):
+                if window is not None and len(left) >= window:  # past the look-ahead
+                    left += queue[i:]
+                    break
                 taken = _place(j, free, gpus_per_node) if sum(free) else None
                 if taken is None:
                     left.append(j)

@@ -41,7 +41,7 @@ def queue_schedule(plans: list[Plan], gpus: int, per_node: int) -> dict[str, Any
     if widest.shape.gpus > gpus:
         raise ConfigError(f"--gpus {gpus}: trial {widest.trial_id} ({widest.sweep}) is planned on {widest.shape.gpus:g} GPUs")
     jobs = [Job(t.est_hours, math.ceil(t.shape.gpus), True) for t in trials]
-    s: Schedule = simulate(longest_first(jobs), gpus // per_node, per_node)
+    s: Schedule = simulate(longest_first(jobs, per_node), gpus // per_node, per_node)
     return {"gpus": gpus, "gpus_per_node": per_node, "trials": len(jobs), "wall_hours": s.makespan, "gpu_hours": s.gpu_hours,
             "bound_hours": s.bound, "utilisation": s.utilisation, "longest_hours": s.longest}
 
@@ -97,7 +97,7 @@ def print_plans(plans: list[Plan], console: Console, limit: int, cluster: dict[s
         nodes = cluster['gpus'] // cluster['gpus_per_node']
         console.print(f"on {cluster['gpus']} GPUs ({nodes} node{'s' * (nodes != 1)} of "
                       f"{cluster['gpus_per_node']}): {cluster['trials']:,} trial{'s' * (cluster['trials'] != 1)} in about {_hours(cluster['wall_hours'])} "
-                      f"(one queue, longest first; lower bound {_hours(cluster['bound_hours'])}, GPU utilisation "
+                      f"(one queue, whole nodes then longest first; lower bound {_hours(cluster['bound_hours'])}, GPU utilisation "
                       f"{cluster['utilisation']:.1%}); on the plan's estimates")
 
 

@@ -1,6 +1,6 @@
 """Data parallelism with `torch.distributed` (gloo on CPU, nccl on GPU).
 
-The trainer does not start processes: a launcher (torchrun, Ray Train's TorchTrainer, or a test)
+The trainer does not start processes: a launcher (torchrun, the orchestrator's worker group, or a test)
 initialises the process group, and every worker calls `train_trial` with the same trial. Each
 optimizer step's global batch is the same as for one worker (`batches.micro_batches` deals its
 sequences out by rank), gradients are averaged by DDP (or, with `train.sharding: fsdp`, by
