@@ -89,9 +89,10 @@ _GPU_EFF = dict(intra_node_efficiency=0.97, inter_node_efficiency=0.92)
 HARDWARE: dict[str, Hardware] = {
     h.name: h
     for h in (
-        # start-up measured with bench/trial_startup.py (2-core machine, gloo, Ray 2.60); a
-        # 2-core machine has no room for data-parallel speed-up, so efficiency stays 1.
-        Hardware("cpu", 48e9, 1.0, "CPU core", startup=StartupModel(single=3.0, group=9.0, per_doubling=4.0),
+        # start-up measured with bench/trial_startup.py (2-core machine, gloo, Ray 2.60: 0.1 s
+        # for one worker in Tune's reused process, 6.3 s for a group of two, 10.4 s for four,
+        # medians of 3); a 2-core machine has no room for data-parallel speed-up, so efficiency stays 1.
+        Hardware("cpu", 48e9, 1.0, "CPU core", startup=StartupModel(single=0.1, group=6.3, per_doubling=4.1),
                  measured="start-up measured (bench/trial_startup.py); efficiency not modelled"),
         Hardware("a100", GPU_PEAK_FLOPS["A100"], 0.35, "GPU", 40960 * MIB, _GPU_STARTUP, **_GPU_EFF),
         Hardware("a100-80gb", GPU_PEAK_FLOPS["A100"], 0.35, "GPU", 81920 * MIB, _GPU_STARTUP, **_GPU_EFF),
