@@ -13,7 +13,7 @@ from moe_core.errors import ConfigError
 from orchestrator.cli import main
 from orchestrator.cluster_model import Job, longest_first, simulate
 from orchestrator.hardware import HARDWARE
-from orchestrator.planner import SweepFile, plan_path, plan_sweep
+from orchestrator.planner import SweepFile, plan_sweep
 from orchestrator.shapes import FEWEST_NODES, ONE_NODE, TrialShape, worker_ladder
 
 ROOT = Path(__file__).resolve().parents[1]
