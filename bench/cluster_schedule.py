@@ -113,7 +113,7 @@ def measured(ps: list[Plan], runs: Path, scale: float, gpus: int) -> tuple[Sched
     planned = {(p.spec.name, t.trial_id): t for p in ps for t in p.trials}
     # From the first trial's start: the driver's own set-up (planning, Tune creating 2,358
     # trials: minutes on 2 cores) is printed apart; at SCALE it would stand for days of cluster time.
-    first = min(r.get("first_started_at") or r["started_at"] for r in rows if r.get("started_at"))
+    first = first_trial_start(ps, runs)
     last = max(r["updated_at"] for r in rows)
     makespan = (last - first) / scale / 3600
     work = sum(t.est_hours * t.shape.gpus for t in planned.values())

@@ -61,9 +61,11 @@ def test_max_hours_and_efficiency_floor_bound_the_raise(tmp_path):
     assert fewest.sharding == "fsdp"  # 1b at S = 4 does not fit one GPU replicated
     wide = planned(tmp_path, "study-1b", sparsity=4, extra=", max_hours: 1, min_efficiency: 0.5")
     assert wide.shape.workers > 8 and wide.shape.workers % 8 == 0 and wide.shape.placement == FEWEST_NODES
-    eff = HARDWARE["h100"].dp_efficiency(wide.shape.workers * 2 if wide.shape.workers < 64 else 64, 8)
+    # A floor just above the efficiency of that rung stops the raise below it.
+    eff = HARDWARE["h100"].dp_efficiency(wide.shape.workers, 8)
     floor = planned(tmp_path, "study-1b", sparsity=4, extra=f", max_hours: 1, min_efficiency: {eff + 1e-6}")
-    assert floor.shape.workers <= wide.shape.workers
+    assert floor.shape.workers < wide.shape.workers
+    assert HARDWARE["h100"].dp_efficiency(floor.shape.workers, 8) >= eff
 
 
 def test_explicit_workers_stay_fixed(tmp_path):
