@@ -113,7 +113,7 @@ class RouterConfig(StrictConfig):
     scoring: Literal["softmax", "sigmoid", "norm"] = "softmax"
     renormalize: bool = False  # divide the chosen gates by their sum (Mixtral style)
     block_size: PositiveInt = 1  # PathMoE: MoE layer i uses router i // block_size
-    norm_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-6
+    norm_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-8  # UniPool's NormRouter
     # The logits' matmul: `float32` (exact products) or `compute` (the autocast dtype, bf16 on
     # GPUs, as Mixtral/OLMoE and Megatron's default route; x's dtype without autocast). On a GPU
     # a float32 matmul runs on the CUDA cores, about a tenth of the tensor cores' rate, and the

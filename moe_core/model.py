@@ -176,7 +176,9 @@ class MoETransformer(nn.Module):
         return terms
 
     def _pool_loss(self, records: list[LayerRouting]) -> torch.Tensor:
-        """UniPool: alpha * M * sum_i fbar_i * Pbar_i per pool, fbar from the previous micro-batch.
+        """UniPool: alpha * M * sum_i fbar_i * Pbar_i per pool, fbar from the previous micro-batch,
+        summed over pools (grouped pools: each group's loss at the full alpha, as the official code
+        keeps one accumulator per group and adds them).
 
         fbar (layer-averaged loads) is detached and one micro-batch old, so the loss trains only the
         routers; the first micro-batch has no previous loads and contributes zero.
@@ -194,7 +196,7 @@ class MoETransformer(nn.Module):
             if updates_state(self):
                 f_now = torch.stack([load_fraction(r.routed_N, r.num_tokens, sets) for r in recs]).mean(dim=0)
                 pool.prev_load_N.copy_(f_now)
-        return torch.stack(losses).mean()
+        return torch.stack(losses).sum()
 
     @torch.no_grad()
     def finish_step(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:

@@ -57,7 +57,7 @@ class MoESweepConfig(PretrainedConfig):
         shared_expert_size: int = 0,
         router_scoring: str = "softmax",
         router_renormalize: bool = False,
-        router_norm_eps: float = 1e-6,
+        router_norm_eps: float = 1e-8,
         router_dtype: str = "float32",
         selection_bias: bool = False,
         capacity_factor: float | None = None,

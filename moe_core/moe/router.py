@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +33,8 @@ class SetSlice:
         return slice(self.offset, self.offset + self.num_experts)
 
 
-# UniPool's recipe: c from 100,000 samples with seed 42 (drawn in chunks to bound memory).
+# UniPool's recipe: c from 100,000 draws of a numpy RandomState(42) (drawn in chunks of rows,
+# the same stream as one draw at a time, to bound memory).
 NORM_CONST_SAMPLES, NORM_CONST_SEED, _CHUNK = 100_000, 42, 10_000
 
 
@@ -40,25 +42,35 @@ NORM_CONST_SAMPLES, NORM_CONST_SEED, _CHUNK = 100_000, 42, 10_000
 def norm_router_constant(
     sets: tuple[tuple[int, int], ...], samples: int = NORM_CONST_SAMPLES, seed: int = NORM_CONST_SEED
 ) -> float:
-    """UniPool's c: makes the chosen NormRouter scores unit-norm in expectation for z ~ N(0, I).
+    """UniPool's c = E[1 / ||y_k||], y = relu(x / ||x||), x ~ N(0, I_N), y_k its top-k entries.
 
-    `sets` lists (num_experts, top_k) of each expert set; each set picks its own top-k of the
-    shared normalised scores. Estimated once by Monte Carlo with the paper's sample count and
-    seed; the router keeps the value in a buffer, so a checkpoint carries the c it was trained with.
+    As the official NormRouter computes it (`_monte_carlo_y_k`: the mean of the reciprocals, not
+    the reciprocal of the mean norm, which is 2-7% lower at 16-96 experts), from the same numpy
+    stream: draw i is `RandomState(seed).randn(N)`'s i-th call, so one expert set gives the
+    official value to rounding. `sets` lists (num_experts, top_k) of each expert set; with several
+    (heterogeneous MoE), each takes its own top-k of the shared normalised scores and y_k is
+    their union. The router keeps the value in a buffer, so a checkpoint carries the c it was
+    trained with.
     """
-    gen = torch.Generator().manual_seed(seed)
-    total, done = 0.0, 0
+    rng = np.random.RandomState(seed)
+    width = sum(n for n, _ in sets)
+    total, counted, done = 0.0, 0, 0
     while done < samples:
         rows = min(_CHUNK, samples - done)
-        z = torch.randn(rows, sum(n for n, _ in sets), generator=gen, dtype=torch.float64)
-        s = F.relu(z / z.norm(dim=-1, keepdim=True))
+        x = rng.randn(rows, width)  # row-major: row i is the i-th randn(width) of a loop
+        y = np.maximum(0.0, x / np.linalg.norm(x, axis=1, keepdims=True))
         chosen, offset = [], 0
         for n, k in sets:
-            chosen.append(s[:, offset : offset + n].topk(k, dim=-1).values)
+            part = np.sort(y[:, offset : offset + n], axis=1)
+            chosen.append(part[:, n - k :])
             offset += n
-        total += float(torch.cat(chosen, dim=-1).norm(dim=-1).sum())
+        norms = np.sqrt((np.concatenate(chosen, axis=1) ** 2).sum(axis=1))
+        # A draw with every x_i < 0 (probability 2^-N) scores 0 at any c and would make the
+        # mean infinite; the official code never meets one at its pool sizes (N >= 96, seed 42).
+        total += float((1.0 / norms[norms > 0]).sum())
+        counted += int((norms > 0).sum())
         done += rows
-    return samples / total
+    return total / counted
 
 
 class Router(nn.Module):

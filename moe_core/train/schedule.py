@@ -8,11 +8,15 @@ from moe_core.train.config import TrainConfig
 
 
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine to `min_lr_ratio`, WSD (flat, then linear decay over the last
-    `decay_fraction` of steps) or constant."""
-    warmup = round(cfg.warmup_fraction * total_steps)
+    """Linear warmup from 0, then cosine to `min_lr_ratio`, WSD (flat, then linear decay over the
+    last `decay_fraction` of steps) or constant.
+
+    The warm-up is Megatron's (UniPool's recipe): step i of w runs at i / w of the peak, so the
+    first step runs at lr 0 and step w at the peak; any `warmup_fraction` > 0 warms up at least
+    one step (1% of 20 steps would round to none and start short trials at full lr)."""
+    warmup = max(1, round(cfg.warmup_fraction * total_steps)) if cfg.warmup_fraction > 0 else 0
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     floor = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return 1.0
