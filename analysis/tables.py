@@ -4,6 +4,10 @@ DuckDB loads the per-trial Parquet files into two tables, `trials` and `steps`, 
 sweep under the runs folder, or one. Files of different sweeps may differ in extra columns
 (`val_loss/<set>`, routing statistics): they are unioned by name.
 
+A damaged file (truncated, empty, not Parquet, another table's: damage from outside, such as a
+full disk on shared storage) is left out with a `DamagedFileWarning` naming it, and listed in a
+third table, `damaged` (file, reason); `moe-sweep run` repairs it.
+
 Rows of simulated trials (`moe-sweep run --simulate`: resources held, nothing trained) are never
 mixed with trained ones: the tables hold trained trials only, or with `simulated=True` simulated
 ones only.
@@ -11,10 +15,15 @@ ones only.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+
+from moe_core.files import DamagedFileWarning
+from orchestrator.results import DamagedFile, file_damage, read_rows_of
 
 
 class AnalysisError(ValueError):
@@ -49,13 +58,21 @@ def connect(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None,
     queries over 2,000 trials x 1,000 steps take milliseconds). Keep it for many queries. The
     tables hold trained trials, or with `simulated` simulated ones, never both."""
     con = duckdb.connect()
+    damaged: list[tuple[str, str]] = []
     for table in ("trials", "steps"):
-        files = _files(runs_dir, table, sweep)
-        if files:
-            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            con.execute(f"create table {table} as select * from read_parquet([{listing}], union_by_name = true)")
-        else:
-            con.execute(f"create table {table} (trial_id varchar)")
+        files, bad = _whole(_files(runs_dir, table, sweep), table)
+        damaged += bad
+        try:
+            _load(con, table, files)
+        except duckdb.Error:  # a footer that reads but data that does not: find the files by reading each
+            files, bad = _readable(files, table)
+            damaged += bad
+            _load(con, table, files)
+    con.execute("create table damaged (file varchar, reason varchar)")
+    for file, reason in damaged:
+        con.execute("insert into damaged values (?, ?)", [file, reason])
+        warnings.warn(f"{file}: damaged ({reason}); left out of the tables (`moe-sweep run` repairs it)",
+                      DamagedFileWarning, stacklevel=2)
     has_flag = "simulated" in [c[0] for c in con.execute("describe trials").fetchall()]
     if has_flag:  # tables written before the column existed hold trained trials only
         con.execute(f"delete from trials where coalesce(simulated, false) != {str(simulated).lower()}")
@@ -63,6 +80,41 @@ def connect(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None,
         con.execute("delete from trials")
     con.execute("delete from steps where trial_id not in (select trial_id from trials)")
     return con
+
+
+def _load(con: duckdb.DuckDBPyConnection, table: str, files: list[str]) -> None:
+    con.execute(f"drop table if exists {table}")
+    if files:
+        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        con.execute(f"create table {table} as select * from read_parquet([{listing}], union_by_name = true)")
+    else:
+        con.execute(f"create table {table} (trial_id varchar)")
+
+
+def _whole(files: list[str], table: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The files whose footers are whole, and (file, reason) for the others (footers only: cheap)."""
+    good, bad = [], []
+    for f in files:
+        try:
+            damage = file_damage(Path(f), table)
+        except FileNotFoundError:  # gone since listed (a restart cleaning up)
+            continue
+        (good.append(f) if damage is None else bad.append((f, damage)))
+    return good, bad
+
+
+def _readable(files: list[str], table: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The files that read whole, and (file, reason) for the others (every page read)."""
+    good, bad = [], []
+    for f in files:
+        try:
+            read_rows_of(Path(f), table)
+            good.append(f)
+        except DamagedFile as err:
+            bad.append((f, err.reason))
+        except pa.ArrowException as err:
+            bad.append((f, str(err).splitlines()[0][:200]))
+    return good, bad
 
 
 def simulated_trials(runs_dir: str | Path = "runs", sweep: str | list[str] | None = None) -> int:

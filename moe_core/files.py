@@ -1,5 +1,7 @@
 """Files written atomically: a reader (a resumed trial, `status`, a query) sees the old file or
-the new one, never half of one. Everything the project writes goes through here.
+the new one, never half of one. Everything the project writes goes through here, and what it
+reads back is checked here (`parquet_damage`): atomic writes cannot stop damage from outside
+(a full disk, a lost NFS client, a node killed mid-copy).
 
 Imports no torch, so `analysis` and the orchestrator's driver can use it cheaply.
 """
@@ -58,3 +60,20 @@ def write_parquet(path: Path, rows: list[dict[str, Any]], schema: dict[str, pa.D
 
 def _null_nan(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
+
+
+class DamagedFileWarning(UserWarning):
+    """A file damaged from outside was set aside or left out (the message says which and why)."""
+
+
+def parquet_damage(path: Path, columns: tuple[str, ...] = ()) -> str | None:
+    """Why `path` is not a readable Parquet file holding `columns` (truncated, empty, not
+    Parquet, another table's schema), in a few words; None if it is. Reads only the footer."""
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException, ValueError) as err:
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    missing = [c for c in columns if c not in names]
+    return f"no column {missing[0]!r}: another table's file" if missing else None

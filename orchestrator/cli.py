@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -12,7 +13,7 @@ from rich.table import Table
 from moe_core.accounting import count_params
 from analysis.tables import AnalysisError
 from moe_core.errors import ConfigError
-from moe_core.files import write_json
+from moe_core.files import DamagedFileWarning, write_json
 from moe_core.train.checkpoint import CheckpointError
 from moe_core.yaml_io import load_model_config
 
@@ -249,8 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> None:
+    """Damaged files set aside or left out are reported as one line each, not as Python warnings."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+        if issubclass(category, DamagedFileWarning):
+            print(f"moe-sweep: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_line_warnings()
     try:
         args.func(args)
     except (ConfigError, CheckpointError, AnalysisError) as err:

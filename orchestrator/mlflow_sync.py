@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from orchestrator.results import TERMINAL, SweepPaths, read_rows, read_rows_of
+from orchestrator.results import TERMINAL, DamagedFile, SweepPaths, read_rows, read_rows_of
 
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _SKIP_PARAMS = ("config_json", "probe_json", "error", "node", "updated_at", "status", "trial_id")
@@ -129,7 +129,7 @@ class MLflowSync:
             if trial_ids is None:
                 rows = read_rows(paths.trials)
             else:
-                rows = [r for tid in trial_ids for r in read_rows_of(paths.trials / f"{tid}.parquet")]
+                rows = [r for tid in trial_ids for r in _rows_of(paths.trials / f"{tid}.parquet")]
             runs = self._logged()
             for row in rows:
                 if row.get("status") not in TERMINAL and row.get("status") != "failed":
@@ -190,11 +190,13 @@ class MLflowSync:
 
         if not path.exists():
             return []
-        import pyarrow.parquet as pq
-
         out = []
         now = int(time.time() * 1000)
-        for r in pq.read_table(path).to_pylist():
+        try:
+            rows = read_rows_of(path, "steps")
+        except DamagedFile:  # the next `moe-sweep run` repairs it, and logs the trial again
+            return []
+        for r in rows:
             step = int(r.get("step") or 0)
             for k, v in r.items():
                 if k in ("trial_id", "step") or not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -252,3 +254,10 @@ class MLflowQueue:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+
+
+def _rows_of(file: Path) -> list[dict[str, Any]]:
+    try:
+        return read_rows_of(file)
+    except DamagedFile:  # logged once `moe-sweep run` has repaired it
+        return []

@@ -9,6 +9,9 @@ Every file is written to a temporary name and renamed into place, and a trial's 
 its id, so after any sequence of crashes and resumes there is exactly one row per trial: the
 latest write wins. Read a table with `read_table(runs, "trials")`, DuckDB
 (`read_parquet('runs/*/tables/trials/*.parquet', union_by_name = true)`) or pandas.
+
+A file damaged from outside (truncated, empty, not Parquet, another table's) is a
+`DamagedFile`: readers leave it out and say so, `moe-sweep run` repairs it (`orchestrator.repair`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moe_core.files import write_parquet
+from moe_core.files import parquet_damage, write_parquet
 
 # Trial states. Terminal ones are never re-run by a resumed sweep; `failed` trials are retried
 # (from their last checkpoint) by the next `moe-sweep run`.
@@ -190,17 +193,71 @@ def write_row(path: Path, row: dict[str, Any]) -> None:
     write_parquet(path, [row], TRIALS_SCHEMA)
 
 
-def read_rows_of(file: Path) -> list[dict[str, Any]]:
-    """The rows of one per-trial file ([] if it does not exist)."""
+# Columns without which a file is not a row of its table.
+REQUIRED = {"trials": ("trial_id", "status"), "steps": ("trial_id", "step")}
+
+
+class DamagedFile(ValueError):
+    """A result file that cannot be read as a row of its table."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: damaged ({reason})")
+        self.path, self.reason = Path(path), reason
+
+
+def file_damage(file: Path, table: str) -> str | None:
+    """Why a per-trial file is not one of `table`'s, from its footer alone; None if it looks whole.
+    FileNotFoundError if it is gone."""
+    damage = parquet_damage(file, REQUIRED[table])
+    if damage is None and table == "trials":
+        rows = pq.ParquetFile(file).metadata.num_rows
+        damage = None if rows == 1 else f"{rows} rows, not one"
+    return damage
+
+
+def read_rows_of(file: Path, table: str = "trials") -> list[dict[str, Any]]:
+    """The rows of one per-trial file ([] if it does not exist); `DamagedFile` if it is damaged."""
     try:
-        return pq.ParquetFile(file).read().to_pylist()  # no dataset discovery: 2,000 files add up
-    except (FileNotFoundError, OSError):
+        damage = file_damage(file, table)
+        if damage is None:
+            rows = pq.ParquetFile(file).read().to_pylist()  # no dataset discovery: 2,000 files add up
+    except FileNotFoundError:  # vanished mid-read (a restart cleaning up)
         return []
+    except (OSError, pa.ArrowException) as err:  # the footer was fine, the data is not
+        damage = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    if damage is not None:
+        raise DamagedFile(file, damage)
+    return rows
 
 
-def read_rows(directory: Path) -> list[dict[str, Any]]:
-    """Every row of a per-trial table folder (files that vanish mid-read are skipped)."""
-    return [row for file in sorted(directory.glob("*.parquet")) for row in read_rows_of(file)]
+def scan_rows(directory: Path, table: str = "trials") -> tuple[list[dict[str, Any]], list[DamagedFile]]:
+    """Every readable row of a per-trial table folder, and its damaged files."""
+    rows, damaged = [], []
+    for file in sorted(directory.glob("*.parquet")):
+        try:
+            rows += read_rows_of(file, table)
+        except DamagedFile as err:
+            damaged.append(err)
+    return rows, damaged
+
+
+def read_rows(directory: Path, table: str = "trials") -> list[dict[str, Any]]:
+    """Every readable row of a per-trial table folder (damaged files left out: `scan_rows` names them)."""
+    return scan_rows(directory, table)[0]
+
+
+def copy_steps(paths: SweepPaths, trial_id: str) -> bool:
+    """The trainer's metrics (`trial_runs/<id>/metrics.parquet`) as the trial's steps-table file;
+    False if they are missing or unreadable."""
+    metrics = paths.trial_dir(trial_id) / "metrics.parquet"
+    try:
+        if parquet_damage(metrics, ("step",)) is not None:
+            return False
+        rows = pq.read_table(metrics).to_pylist()
+    except (FileNotFoundError, OSError, pa.ArrowException):
+        return False
+    write_parquet(paths.steps / f"{trial_id}.parquet", [{"trial_id": trial_id, **r} for r in rows])
+    return True
 
 
 def trial_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
@@ -209,13 +266,18 @@ def trial_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
 
 
 def read_table(runs_dir: str | Path, table: str, sweeps: Iterable[str] | None = None) -> pa.Table:
-    """The `trials` or `steps` table of some (default: all) sweeps under `runs_dir`."""
+    """The `trials` or `steps` table of some (default: all) sweeps under `runs_dir` (damaged
+    files left out)."""
     runs = Path(runs_dir)
     names = list(sweeps) if sweeps is not None else sorted(p.name for p in runs.iterdir() if (p / "tables").is_dir())
     tables = []
     for name in names:
         for file in sorted((runs / name / "tables" / table).glob("*.parquet")):
-            tables.append(pq.read_table(file))
+            try:
+                if file_damage(file, table) is None:
+                    tables.append(pq.read_table(file))
+            except (FileNotFoundError, OSError, pa.ArrowException):
+                continue
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="permissive")

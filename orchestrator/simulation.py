@@ -5,16 +5,15 @@ as for a real trial) for its planned wall time x SCALE, in one light process wha
 count: the other ranks' bundles stay reserved, but no worker processes start. Its timeline follows
 the plan: the start-up term first (paid again on every retry), then the steps, an evaluation
 reported to Tune every `eval_every` steps and a checkpoint every `checkpoint_every` (and at the
-end), kept by Tune and in the trial folder, so a retry or a resumed run continues from the last
-one. A wider trial whose placement group lost a node fails as its Ray Train workers would, and
-Tune retries it from its checkpoint elsewhere. Its row says `simulated`; analysis keeps such
+end) in the trial folder, so a retry or a resumed run continues from the last one. A wider
+trial whose placement group lost a node fails as its worker group would, and Tune retries it
+elsewhere, from that checkpoint. Its row says `simulated`; analysis keeps such
 rows apart from trained ones.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ POLL_SECONDS = 2.0
 # Fewest real seconds between two reports of one trial. SCALE compresses a day into seconds but
 # not Tune's driver, which handles each report (a 2-core driver, a few hundred a minute over the
 # whole queue); evaluations due in between are folded into the next report (`evals` counts them
-# all), and it carries the latest checkpoint reached.
+# all).
 MIN_REPORT_SECONDS = 5.0
 
 
@@ -91,7 +90,7 @@ def simulate_trial(meta: dict[str, Any], out: Path, scale: float) -> dict[str, A
     group = _Group() if meta["workers"] > 1 else None
     _hold(startup * 3600 * scale, group)
     evals = step // eval_every
-    last_report, checkpointed = time.time(), False
+    last_report = time.time()
     while step < total_steps:
         nxt = min(total_steps, (step // eval_every + 1) * eval_every)
         if ckpt_every:
@@ -99,22 +98,14 @@ def simulate_trial(meta: dict[str, Any], out: Path, scale: float) -> dict[str, A
         _hold((nxt - step) * step_seconds, group)
         step = nxt
         is_eval = step % eval_every == 0 or step == total_steps
-        is_ckpt = step == total_steps or bool(ckpt_every and step % ckpt_every == 0)
+        if step == total_steps or (ckpt_every and step % ckpt_every == 0):
+            _checkpoint(folder, step)  # before the report, as the trainer does: Tune never sees past it
         evals += is_eval
-        checkpointed |= is_ckpt
-        if not (is_eval or is_ckpt) or (step < total_steps and time.time() - last_report < MIN_REPORT_SECONDS):
+        if not is_eval or (step < total_steps and time.time() - last_report < MIN_REPORT_SECONDS):
             continue
-        last_report, is_ckpt, checkpointed = time.time(), checkpointed, False
-        metrics = {"moe_trial_id": meta["trial_id"], "moe_sweep": meta["sweep"], "evals": evals, "step": step,
-                   "tokens": step * train["batch_tokens"], "simulated": 1}
-        if is_ckpt:
-            path = _checkpoint(folder, step)
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / path.name).write_text(path.read_text())
-                (Path(tmp) / "latest").write_text(path.name)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        else:
-            tune.report(metrics)
+        last_report = time.time()
+        tune.report({"moe_trial_id": meta["trial_id"], "moe_sweep": meta["sweep"], "evals": evals, "step": step,
+                     "tokens": step * train["batch_tokens"], "simulated": 1})
     return {"status": "completed", "steps": total_steps, "tokens": total_steps * train["batch_tokens"],
             "wall_seconds": time.time() - start, "val_loss": {}, "val_loss_macro": None}
 

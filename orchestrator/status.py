@@ -13,7 +13,7 @@ from rich.table import Table
 
 from moe_core.errors import ConfigError
 from orchestrator.ray_session import recorded_process
-from orchestrator.results import COMPLETED, RUNNING, STATES, TERMINAL, SweepPaths, read_rows
+from orchestrator.results import COMPLETED, RUNNING, STATES, TERMINAL, SweepPaths, scan_rows
 
 
 def _driver(paths: SweepPaths) -> dict:
@@ -55,7 +55,7 @@ def print_status(name: str, runs_dir: str | Path, console: Console) -> dict[str,
     if not paths.trials.is_dir():
         known = sorted(p.name for p in Path(runs_dir).glob("*") if (p / "tables").is_dir()) if Path(runs_dir).is_dir() else []
         raise ConfigError(f"no sweep '{name}' under {runs_dir}" + (f"; sweeps there: {', '.join(known)}" if known else ""))
-    rows = read_rows(paths.trials)
+    rows, damaged = scan_rows(paths.trials)
     driver = _driver(paths)
     alive = recorded_process(driver.get("pid", -1), driver.get("create_time")) is not None
     counts = {s: 0 for s in STATES}
@@ -63,6 +63,7 @@ def print_status(name: str, runs_dir: str | Path, console: Console) -> dict[str,
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     if not alive and counts[RUNNING]:  # rows left 'running' by a driver that is gone
         counts["interrupted"], counts[RUNNING] = counts[RUNNING], 0
+    counts["damaged"] = len(damaged)  # files that are no row (`moe-sweep run` repairs them)
     planned = int(driver.get("planned", len(rows)))
     done = sum(counts[s] for s in TERMINAL)
     waiting = max(0, planned - sum(counts.values()))
@@ -76,6 +77,8 @@ def print_status(name: str, runs_dir: str | Path, console: Console) -> dict[str,
             table.add_row(state, str(n))
     table.add_row("not started", str(waiting))
     console.print(table)
+    for damage in damaged:
+        console.print(f"{damage}; counted as damaged (`moe-sweep run` on its YAML repairs it)", soft_wrap=True, markup=False)
     completed = [r for r in rows if r["status"] == COMPLETED and isinstance(r.get("val_loss"), float) and math.isfinite(r["val_loss"])]
     if completed:
         best = min(completed, key=lambda r: r["val_loss"])

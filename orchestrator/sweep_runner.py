@@ -38,7 +38,9 @@ from orchestrator.live_view import LiveView
 from orchestrator.mlflow_sync import MLflowQueue, MLflowSync, default_uri
 from orchestrator.planner import Plan, PlannedTrial, SweepFile, plan_sweep, sweep_files
 from orchestrator.ray_session import auth_token_path, cleanup_orphans, start_ray, stop_ray
-from orchestrator.results import FAILED, RUNNING, STOPPED, TERMINAL, SweepPaths, read_rows, read_rows_of, trial_row, trial_states, write_row
+from orchestrator.repair import repair
+from orchestrator.results import (FAILED, RUNNING, STOPPED, TERMINAL, DamagedFile, SweepPaths, read_rows, read_rows_of, trial_row,
+                                  trial_states, write_row)
 from orchestrator.cluster_model import queue_key as queue_key_of
 from orchestrator.shapes import TrialShape
 from orchestrator.trial_fn import TrialContext, queue_key, run_trial, split_key, trial_meta
@@ -111,7 +113,10 @@ class ResultsCallback(Callback):
         name, tid = split_key(key)
         paths = driver.sweeps[name].paths
         file = paths.trials / f"{tid}.parquet"
-        rows = read_rows_of(file)
+        try:
+            rows = read_rows_of(file)
+        except DamagedFile:  # damaged from outside mid-run: the trial's outcome is what Tune saw
+            rows = []
         row = rows[0] if rows else None
         if row is not None and row["status"] in (RUNNING, FAILED) and not error:
             # Tune ended the trial without an error (early stopping): keep its last result.
@@ -213,6 +218,7 @@ def run_sweeps(paths: list[str | Path], options: RunOptions, console: Console | 
             if cleaned:
                 console.print(f"stopped {cleaned} Ray processes left by a previous driver of sweep {s.name}")
             _prepare_folder(s.paths, s.sweep, options.restart)
+            repair(s.paths, s.sweep.spec.method, lambda line: console.print(line, soft_wrap=True, markup=False))
             states = trial_states(s.paths)  # read once: 2,000 per-trial files take seconds
             finished = sum(r["status"] in TERMINAL for r in states.values())
             s.pending = [t for t in s.plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL]
@@ -272,7 +278,6 @@ def _run(sweeps: dict[str, _Sweep], options: RunOptions, console: Console) -> No
         run_config = tune.RunConfig(
             name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(_tune_storage(sweeps, options)), verbose=0,
             failure_config=tune.FailureConfig(max_failures=retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[ResultsCallback(str(first.paths.root), _Driver(sweeps, view, mlflow))],
         )
         mlflow.start()

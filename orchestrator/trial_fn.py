@@ -3,9 +3,12 @@
 The trial writes its own results (a `running` row when it starts, its final row and steps when it
 ends) so that a crash of the driver loses nothing a trial finished. It trains in
 `runs/<sweep>/trial_runs/<trial_id>/`, so a re-run of the same trial (a Tune retry, or a later
-`moe-sweep run` after the driver was killed) resumes from the trainer's last checkpoint. Each
-evaluation is reported to Tune (for search and early stopping) with the checkpoint written at that
-step, if any, as a Tune checkpoint. Trials with several workers run data-parallel in the placement
+`moe-sweep run` after the driver was killed) resumes from the trainer's last checkpoint there:
+`runs/` is on storage every node sees, so a retry placed on another node finds it. Each
+evaluation is reported to Tune (for search and early stopping) without a Tune checkpoint: one
+would be a second and third copy of every checkpoint (GBs for the largest trials), and with
+Tune's `num_to_keep` each one forces a save of the whole experiment's state (a second or more
+with 2,358 trials: measured, it was most of the driver's time). Trials with several workers run data-parallel in the placement
 group Tune reserved for them (`orchestrator.worker_group`; gloo on CPU, nccl on GPU): DDP, or
 FSDP2 when the trial's `train.sharding` is `fsdp`; the trial's own process is rank 0.
 """
@@ -14,17 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_core.files import write_parquet
-from orchestrator.results import (FAILED, INFEASIBLE, RUNNING, SweepPaths, planned_columns, point_columns, read_rows_of,
-                                  trial_row, write_row)
+from orchestrator.results import (FAILED, INFEASIBLE, RUNNING, DamagedFile, SweepPaths, copy_steps, planned_columns,
+                                  point_columns, read_rows_of, trial_row, write_row)
 
 # Keys of the trainer's step rows that are reported to Tune (names with '/' are per-set or
 # per-layer detail: they go to the steps table only).
@@ -66,8 +66,6 @@ def infeasible_id(point: dict[str, Any]) -> str:
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable."""
-    from ray import tune
-
     from orchestrator.planner import Planner, SweepFile
     from orchestrator.study import Infeasible
 
@@ -91,7 +89,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     tid = meta["trial_id"]
     out = paths.trial_dir(tid)
     file = paths.trials / f"{tid}.parquet"
-    before = read_rows_of(file)
+    try:
+        before = read_rows_of(file)
+    except DamagedFile:  # damaged since the driver repaired the sweep: this attempt's row replaces it
+        before = []
     attempt = int((before[0].get("attempts") or 0) if before else 0) + 1  # starts of this trial, retries and resumes
     now = time.time()
     first = (before[0].get("first_started_at") if before else None) or now
@@ -99,13 +100,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         "attempts": attempt, "started_at": now, "first_started_at": first, "simulated": ctx.simulate is not None}
     write_row(file, trial_row(base, RUNNING))
     try:
-        _restore_tune_checkpoint(tune.get_checkpoint(), out / "checkpoints")
         summary = _simulate(meta, out, ctx.simulate) if ctx.simulate is not None else _train(meta, out, ctx)
     except Exception as err:  # recorded, then re-raised so Tune applies the retry policy
-        _write_steps(paths, tid, out)
+        copy_steps(paths, tid)
         write_row(file, trial_row(base, FAILED, error=_error_text(err)))
         raise
-    _write_steps(paths, tid, out)
+    copy_steps(paths, tid)
     write_row(file, trial_row(base, summary["status"], summary))
 
 
@@ -142,41 +142,6 @@ def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]
     return train_trial(trial, out, callbacks=[reporter]).to_dict()
 
 
-def _write_steps(paths: SweepPaths, tid: str, out: Path) -> None:
-    import pyarrow.parquet as pq
-
-    metrics = out / "metrics.parquet"
-    if not metrics.exists():
-        return
-    rows = pq.read_table(metrics).to_pylist()
-    write_parquet(paths.steps / f"{tid}.parquet", [{"trial_id": tid, **r} for r in rows])
-
-
-def _restore_tune_checkpoint(checkpoint: Any, target: Path) -> None:
-    """Bring a Tune checkpoint into the trial folder when it is newer than what is there (the
-    trial folder is on shared storage; this covers a retry placed where it is not)."""
-    if checkpoint is None:
-        return
-    with checkpoint.as_directory() as src:
-        src = Path(src)
-        if not (src / "latest").exists():
-            return
-        theirs = (src / "latest").read_text().strip()
-        ours = (target / "latest").read_text().strip() if (target / "latest").exists() else ""
-        if theirs > ours:  # names are step%08d[.pt]: string order is step order
-            target.mkdir(parents=True, exist_ok=True)
-            _copy_checkpoint(src / theirs, target)
-            (target / "latest").write_text(theirs)
-
-
-def _copy_checkpoint(checkpoint: Path, folder: Path) -> None:
-    """A checkpoint file, or a sharded checkpoint's folder (`train.sharding: fsdp`), into `folder`."""
-    if checkpoint.is_dir():
-        shutil.copytree(checkpoint, folder / checkpoint.name, dirs_exist_ok=True)
-    else:
-        shutil.copy2(checkpoint, folder / checkpoint.name)
-
-
 def _report_metrics(tid: str, sweep: str, evals: int, row: dict[str, Any]) -> dict[str, Any]:
     out = {"moe_trial_id": tid, "moe_sweep": sweep, "evals": evals}
     for key, value in row.items():
@@ -186,7 +151,9 @@ def _report_metrics(tid: str, sweep: str, evals: int, row: dict[str, Any]) -> di
 
 
 class TuneReporter:
-    """Trainer callback: report each evaluation to Tune, with the checkpoint of that step."""
+    """Trainer callback: report each evaluation to Tune. At a checkpoint step the report waits for
+    the checkpoint (in the trial folder), so that what Tune has seen is never ahead of what a
+    retry resumes from."""
 
     def __init__(self, trial_id: str, sweep: str, checkpoint_every: int, total_steps: int) -> None:
         self.trial_id, self.sweep, self.every, self.total = trial_id, sweep, checkpoint_every, total_steps
@@ -200,25 +167,18 @@ class TuneReporter:
         if "val_loss" not in row:
             return
         self.pending = _report_metrics(self.trial_id, self.sweep, self.evals, row)
-        checkpoint_now = step == self.total or (self.every and step % self.every == 0)
-        if not checkpoint_now:  # else on_checkpoint reports, with the checkpoint
-            self._report(None)
+        if not (step == self.total or (self.every and step % self.every == 0)):
+            self._report()
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         if self.pending is not None and self.pending.get("step") == step:
-            self._report(path)
+            self._report()
 
-    def _report(self, checkpoint: Path | None) -> None:
+    def _report(self) -> None:
         from ray import tune
 
         metrics, self.pending = self.pending, None
-        if checkpoint is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:  # only the newest checkpoint, not the history
-            _copy_checkpoint(checkpoint, Path(tmp))
-            (Path(tmp) / "latest").write_text(checkpoint.name)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        tune.report(metrics)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:

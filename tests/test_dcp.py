@@ -53,28 +53,36 @@ def test_one_process_saves_and_two_workers_resume(cache, tmp_path, whole):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step00000004", "step00000006"]
 
 
-def test_a_sharded_checkpoint_of_another_config_or_damaged_is_refused(cache, tmp_path):
+def test_a_sharded_checkpoint_of_another_config_is_refused_and_a_damaged_one_set_aside(cache, tmp_path, whole):
     train_trial(_trial(cache, steps=2), tmp_path)
     with pytest.raises(CheckpointError, match="different config"):
         train_trial(_trial(cache, steps=3, lr=0.5), tmp_path)
-    (tmp_path / "checkpoints" / "step00000002" / "trainer.pt").unlink()
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        train_trial(_trial(cache, steps=2), tmp_path)
+    train_trial(_trial(cache), tmp_path / "six")  # keeps the checkpoints of steps 4 and 6
+    (tmp_path / "six" / "checkpoints" / "step00000006" / ".metadata").unlink()  # the shards' index lost
+    with pytest.warns(UserWarning, match="step00000006: damaged checkpoint .no DCP metadata.; kept as"):
+        train_trial(_trial(cache), tmp_path / "six")  # resumes from step 4, trains 5 and 6 again
+    assert losses(tmp_path / "six") == pytest.approx(whole, rel=1e-6)
+    assert [p.name.split(".")[0] for p in (tmp_path / "six" / "checkpoints" / "damaged").iterdir()] == ["step00000006"]
 
 
-def test_a_sharded_checkpoint_travels_as_a_tune_checkpoint(cache, tmp_path):
-    """A one-worker trial's Tune checkpoint is the checkpoint's folder; a retry placed elsewhere
-    brings it into its trial folder and resumes from it."""
+def test_tune_reports_follow_the_checkpoint_of_their_step(cache, tmp_path, monkeypatch):
+    """Tune gets each evaluation, without a Tune checkpoint (the trial folder, on storage every
+    node sees, is where a retry resumes from); at a checkpoint step the report comes only once
+    that checkpoint is written, so Tune never sees past what a retry resumes from."""
     require("ray")
     from ray import tune
 
-    from orchestrator.trial_fn import _copy_checkpoint, _restore_tune_checkpoint
+    from orchestrator.trial_fn import TuneReporter
 
-    train_trial(_trial(cache, steps=2), tmp_path / "first")
-    saved = tmp_path / "first" / "checkpoints" / "step00000002"
-    (tmp_path / "tune").mkdir()
-    _copy_checkpoint(saved, tmp_path / "tune")
-    (tmp_path / "tune" / "latest").write_text(saved.name)
-    _restore_tune_checkpoint(tune.Checkpoint.from_directory(tmp_path / "tune"), tmp_path / "retry" / "checkpoints")
-    resumed = train_trial(_trial(cache, steps=2), tmp_path / "retry", callbacks=[StopAt(1)])  # trains no step
-    assert resumed.steps == 2 and losses(tmp_path / "retry") == losses(tmp_path / "first")
+    seen: list[tuple[int, str | None]] = []
+
+    def report(metrics, checkpoint=None):
+        assert checkpoint is None
+        latest = tmp_path / "checkpoints" / "latest"
+        seen.append((metrics["step"], latest.read_text() if latest.exists() else None))
+
+    monkeypatch.setattr(tune, "report", report)
+    trial = _trial(cache, eval_every=1)
+    train_trial(trial, tmp_path, callbacks=[TuneReporter("t", "s", trial.train.checkpoint_every, trial.total_steps)])
+    assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert all(latest == f"step{step:08d}" for step, latest in seen if step % 2 == 0)

@@ -56,10 +56,17 @@ def test_batch_tokens_must_divide_into_micro_batches(cache):
 def test_schedules_warm_up_then_end_at_their_floor(schedule):
     cfg = TrainConfig(schedule=schedule, warmup_fraction=0.1, min_lr_ratio=0.1)
     factors = [lr_factor(s, 100, cfg) for s in range(100)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[0] == 0.0 and factors[5] == pytest.approx(0.5) and factors[10] == pytest.approx(1.0)  # from lr 0
     assert factors[-1] == pytest.approx(1.0 if schedule == "constant" else 0.1)
     if schedule == "wsd":
         assert factors[79] == 1.0 and factors[80] < 1.0
+
+
+def test_any_warm_up_fraction_warms_up_at_least_one_step():
+    # 1% of 20 steps rounds to none: the trial still starts from lr 0 (as Megatron), not at the peak.
+    short = [lr_factor(s, 20, TrainConfig(warmup_fraction=0.01)) for s in range(20)]
+    assert short[0] == 0.0 and short[1] == pytest.approx(1.0)
+    assert lr_factor(0, 20, TrainConfig(warmup_fraction=0.0)) == pytest.approx(1.0)  # asked for none
 
 
 def test_same_seed_gives_the_same_losses_and_all_outputs(cache, tmp_path):
@@ -108,13 +115,45 @@ def test_nan_loss_stops_at_once_as_diverged(cache, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
-def test_corrupt_or_foreign_checkpoints_are_clear_errors(cache, tmp_path):
+def test_a_foreign_checkpoint_is_an_error_and_a_damaged_one_is_set_aside(cache, tmp_path):
     train_trial(_trial(cache, steps=2), tmp_path)
     with pytest.raises(CheckpointError, match="different config"):
         train_trial(_trial(cache, steps=3, lr=0.5), tmp_path)
     (tmp_path / "checkpoints" / "step00000002.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        train_trial(_trial(cache, steps=2), tmp_path)
+    with pytest.warns(UserWarning, match="damaged checkpoint .* kept as .*damaged"):
+        again = train_trial(_trial(cache, steps=2), tmp_path)  # the only checkpoint: starts over
+    assert again.status == "completed" and again.steps == 2
+    assert [p.read_bytes() for p in (tmp_path / "checkpoints" / "damaged").iterdir()] == [b"not a checkpoint"]
+    assert _losses(tmp_path) == _losses_of_fresh_run(cache, tmp_path / "fresh", steps=2)
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(cache, tmp_path):
+    with pytest.raises(_Stop):
+        train_trial(_trial(cache, steps=6, checkpoint_every=2), tmp_path, callbacks=[_StopAfter(5)])
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step00000004.pt"
+    (checkpoints / "step00000004.pt").write_bytes((checkpoints / "step00000004.pt").read_bytes()[:100])  # cut short
+    with pytest.warns(UserWarning, match="step00000004.pt: damaged checkpoint"):
+        train_trial(_trial(cache, steps=6, checkpoint_every=2), tmp_path)  # resumes at step 2
+    assert _losses(tmp_path) == _losses_of_fresh_run(cache, tmp_path / "fresh", steps=6, checkpoint_every=2)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAfter(TrainCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, step, row, model):
+        if step == self.step:
+            raise _Stop
+
+
+def _losses_of_fresh_run(cache, out, **train) -> list[float]:
+    train_trial(_trial(cache, **train), out)
+    return _losses(out)
 
 
 def test_model_vocab_smaller_than_tokenizer_is_a_config_error(cache, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
-from moe_core.files import atomic_path, write_text
+from moe_core.files import DamagedFileWarning, atomic_path, write_text
 from moe_core.model import MoETransformer, build_model
 from moe_core.train.distributed import DataParallel
 from moe_core.trial import TrialConfig, load_trial_config
@@ -83,23 +84,58 @@ def _publish(directory: Path, path: Path) -> None:
             old.unlink()
 
 
-def load_latest(directory: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The newest checkpoint's state (its location under `path`), or None if there is none.
-    Raises `CheckpointError` if it is unreadable or was written by a trial with a different
-    config. Give the state to `restore` for the model and optimizer."""
+def load_latest(directory: Path, config: dict[str, Any], keep_aside: bool = True) -> dict[str, Any] | None:
+    """The newest readable checkpoint's state (its location under `path`), or None if there is none.
+
+    Checkpoints are written atomically, but a file can still be damaged from outside (a full disk
+    on shared storage, a node lost mid-copy). An unreadable one is moved to `damaged/` beside it
+    (never deleted; with `keep_aside`, which only one worker of a group should do) with a
+    warning, and the one before it is used; if none is left, the trial starts over. Raises
+    `CheckpointError` for a checkpoint written by a trial with a different config (a reused
+    folder: a user mistake, not damage). Give the state to `restore` for the model and optimizer."""
     pointer = directory / "latest"
     if not pointer.exists():
         return None
-    path = directory / pointer.read_text().strip()
+    newest = pointer.read_text().strip()
+    older = sorted((p.name for p in directory.glob("step*") if p.name < newest), reverse=True)
+    for name in [newest, *older]:
+        path = directory / name
+        state, damage = _read(path)
+        if damage is None:
+            if state.get("config") != config:
+                raise CheckpointError(f"{path}: written by a trial with a different config; use another --out folder")
+            if keep_aside and name != newest:
+                write_text(pointer, name)
+            return {**state, "path": path}
+        kept = f"; kept as {_set_aside(path)}" if keep_aside and path.exists() else ""
+        warnings.warn(f"{path}: damaged checkpoint ({damage}){kept}; trying the one before it",
+                      DamagedFileWarning, stacklevel=2)
+    if keep_aside:
+        pointer.unlink(missing_ok=True)
+    warnings.warn(f"{directory}: no readable checkpoint left; the trial starts over", DamagedFileWarning, stacklevel=2)
+    return None
+
+
+def _read(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A checkpoint's trainer state, or why it cannot be used."""
+    if not path.exists():
+        return {}, "missing"
+    if path.is_dir() and not (path / ".metadata").is_file():
+        return {}, "no DCP metadata"
     try:
         state = torch.load(path / TRAINER_FILE if path.is_dir() else path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}); delete it to start over") from None
+        return {}, f"cannot read checkpoint: {type(err).__name__}"
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, SHARDED_FORMAT):
-        raise CheckpointError(f"{path}: not a moe-sweep checkpoint")
-    if state.get("config") != config:
-        raise CheckpointError(f"{path}: written by a trial with a different config; use another --out folder")
-    return {**state, "path": path}
+        return {}, "not a moe-sweep checkpoint"
+    return state, None
+
+
+def _set_aside(path: Path) -> Path:
+    aside = path.parent / "damaged" / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, aside)
+    return aside
 
 
 def load_trained(run_dir: Path) -> tuple[TrialConfig, MoETransformer]:

@@ -172,7 +172,7 @@ def _set_up(trial: TrialConfig, out: Path, callbacks: list[TrainCallback], data:
         wrapped=wrapped, step_fn=torch.compile(wrapped) if trial.train.compile else wrapped, optimizer=optimizer,
         sharded=sharded, counts=count_params(trial.model), peak=peak_flops(device, trial.train.peak_flops),
     )
-    state = load_latest(out / "checkpoints", trial.to_dict())
+    state = load_latest(out / "checkpoints", trial.to_dict(), keep_aside=dp.is_main)
     if state is not None:
         restore(state, model, optimizer)
         torch.set_rng_state(state["rng"])
