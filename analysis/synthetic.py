@@ -133,20 +133,27 @@ def hetero_sweep(b: SweepBuilder, scales: Iterable[str] = SCALES) -> None:
         b.add("hetero", scale, _base(scale) + 0.001 * (sets - 1), sparsity=8.0, granularity=0.125, expert_sets=sets)
 
 
+# An aux x bias grid with 11 settings between the failure modes (aux 0 with two bias rates, three
+# aux weights with three), for judging "robust" over many settings.
+MANY_AUX, MANY_BIAS = (0.0, 1e-3, 1e-2, 1e-1), (0.0, 1e-3, 3e-3, 1e-1)
+
+
 def balancing_sweep(b: SweepBuilder, low_aux_cost: float = 0.02, low_aux_load: float = 2.0,
                     high_bias_cost: Callable[[int], float] = lambda n: 0.01 * n / 64, spread: float = 0.002,
                     aux: Iterable[float] = (0.0, 1e-2, 1e-1), bias: Iterable[float] = (0.0, 1e-3, 1e-1),
+                    off: dict[tuple[float, float], float] | None = None, sparsities: Iterable[int] = (8, 32),
                     scales: Iterable[str] = SCALES) -> None:
-    """Aux weight x bias rate at 64 and 256 experts. No aux and no bias costs `low_aux_cost` and
-    raises the max load by `low_aux_load`; a bias rate above 1e-2 costs `high_bias_cost(n)`; the
-    settings in between differ by at most `spread`."""
-    for scale, s, a, u in itertools.product(scales, (8, 32), aux, bias):
+    """Aux weight x bias rate at S = 8 and 32 (64 and 256 experts). No aux and no bias costs
+    `low_aux_cost` and raises the max load by `low_aux_load`; a bias rate above 1e-2 costs
+    `high_bias_cost(n)`; the settings in between differ by at most `spread` (0.65 `spread` on the
+    MANY grid), except that `off[(aux, bias)]` is added to those settings' loss."""
+    for scale, s, a, u in itertools.product(scales, sparsities, aux, bias):
         if u > 1e-2:
             effect, load = high_bias_cost(8 * s), 0.3
         elif a < 1e-3 and u == 0:
             effect, load = low_aux_cost, low_aux_load
         else:
-            effect, load = spread * (10 * a + 100 * u) / 2, 0.0
+            effect, load = spread * (10 * a + 100 * u) / 2 + (off or {}).get((a, u), 0.0), 0.0
         b.add("balancing", scale, _base(scale, s) + effect, routing={"max_load": load}, sparsity=float(s),
               granularity=0.125, aux_weight=a, bias_rate=u)
 

@@ -103,8 +103,10 @@ def test_no_effect_is_not_reported_as_found():
     for key, f in findings.items():
         if key != "scaling":
             assert f.verdict in (INCONCLUSIVE, CONTRADICTED), (key, f.summary)
-    # Balancing's robustness sub-claim is "no effect" itself; its two failure modes are effects.
-    assert [c.verdict for c in findings["balancing"].checks][0] == REPRODUCED
+    # Balancing's robustness is "small relative to expert count and granularity" (finding 3): with
+    # nothing planted those move loss within the noise too, so there is nothing to be small against.
+    robust = findings["balancing"].checks[0]
+    assert robust.verdict == INCONCLUSIVE and "themselves move loss within the noise" in robust.detail
 
 
 def test_reversed_effects_are_contradicted():

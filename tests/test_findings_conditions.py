@@ -11,21 +11,28 @@ import pandas as pd
 import pytest
 
 from analysis.findings import CONTRADICTED, INCONCLUSIVE, NOT_TESTED, REPRODUCED, Check, Finding, all_findings
+from analysis.findings.relative import SMALL_RATIO
+from analysis.stats import difference_se
 from analysis.synthetic import (
-    SweepBuilder, balancing_sweep, dropping_sweep, expert_count_sweep, granularity_sweep, pathmoe_sweep, shared_sweep,
-    threshold_sweep, unipool_sweep,
+    MANY_AUX, MANY_BIAS, SweepBuilder, balancing_sweep, dropping_sweep, expert_count_sweep, granularity_sweep,
+    hetero_sweep, pathmoe_sweep, shared_sweep, threshold_sweep, unipool_sweep,
 )
 
 
-def finding(key: str, *sweeps, steps: bool = True, edit=None) -> Finding:
-    """The finding `key` over the trials the `sweeps` (callables taking a SweepBuilder) add;
+def findings(*sweeps, steps: bool = True, edit=None, seeds: int = 3) -> dict[str, Finding]:
+    """Every finding over the trials the `sweeps` (callables taking a SweepBuilder) add, by key;
     `edit(trials)` may change the trials table first."""
-    b = SweepBuilder(seeds=3, noise=0.003, seed=0)
+    b = SweepBuilder(seeds=seeds, noise=0.003, seed=0)
     for sweep in sweeps:
         sweep(b)
     trials, steps_table = b.tables()
     trials = edit(trials) if edit else trials
-    return {f.key: f for f in all_findings(trials, steps_table if steps else None)}[key]
+    return {f.key: f for f in all_findings(trials, steps_table if steps else None)}
+
+
+def finding(key: str, *sweeps, **kw) -> Finding:
+    """The finding `key` of `findings(*sweeps, **kw)`."""
+    return findings(*sweeps, **kw)[key]
 
 
 def check(f: Finding, words: str) -> Check:
@@ -134,7 +141,43 @@ def test_generalists_helping_in_one_group_contradict_consistently_hurting():
 
 def test_large_shared_expert_effects_are_not_small():
     f = finding("small_effects", majors, lambda b: shared_sweep(b, shared_cost=0.2))
-    assert check(f, "move loss less").verdict != REPRODUCED and f.verdict != REPRODUCED
+    assert check(f, "move loss less").verdict == CONTRADICTED and f.verdict == CONTRADICTED
+    shared = f.table.set_index("factor").loc["shared experts (matched total)"]
+    assert shared["ratio_low"] > SMALL_RATIO  # twice the expert-count effect, as the interval shows
+    assert shared["ratio"] == pytest.approx(2.0, abs=0.2)
+
+
+def test_every_small_effect_is_reported_with_its_interval_and_its_share_of_the_reference():
+    f = finding("small_effects", majors, shared_sweep, hetero_sweep, balancing_sweep)
+    assert check(f, "move loss less").verdict == REPRODUCED
+    t = f.table.set_index("factor")
+    assert list(t.index[t["kind"] == "major"]) == ["expert count (S)", "granularity"]
+    assert (t["ci_low"] <= t["effect"]).all() and (t["effect"] < t["ci_high"]).all()
+    assert t.loc["expert count (S)", "effect"] == pytest.approx(0.1, abs=0.01)  # S = 1-32 at 0.02 per doubling
+    minor = t[t["kind"] == "minor"]
+    assert (minor["verdict"] == REPRODUCED).all() and (minor["ratio_high"] <= SMALL_RATIO).all()
+    # Each interval is in the evidence text, with the reference it is judged against.
+    detail = check(f, "move loss less").detail
+    ref = t.loc["expert count (S)"]
+    assert f"expert count (S) {ref['effect']:.4f} [{ref['ci_low']:.4f}, {ref['ci_high']:.4f}]" in detail
+    assert f"a high end of at most {SMALL_RATIO * ref['ci_low']:.4f}" in detail
+    for name, r in minor.iterrows():
+        assert f"{name} {r['effect']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]" in detail
+
+
+@pytest.mark.parametrize("sweeps, missing", [
+    ([shared_sweep, hetero_sweep], "expert count (S) and granularity"),
+    ([balancing_sweep, shared_sweep], "granularity"),  # the balancing sweep varies S, not g
+])
+def test_small_effects_without_both_references_in_the_tables_are_not_judged(sweeps, missing):
+    f = finding("small_effects", *sweeps)
+    c = check(f, "move loss less")
+    assert c.verdict == NOT_TESTED and f.verdict == INCONCLUSIVE
+    assert f"not judged: small is relative to expert count and granularity, and these tables do not measure {missing}" \
+        in c.detail
+    # The minor effects are still measured and shown, with their intervals, only not judged.
+    shared = f.table.set_index("factor").loc["shared experts (matched total)"]
+    assert shared["groups"] == 2 and shared["ci_high"] > shared["effect"] and shared["verdict"] == NOT_TESTED
 
 
 # -- 4. dropless --------------------------------------------------------------------------------
@@ -201,7 +244,7 @@ def test_moe_winning_small_and_losing_large_budgets_is_contradicted():
 
 # -- 6. balancing -------------------------------------------------------------------------------
 def test_balancing_failure_modes_and_robust_middle_are_reproduced():
-    f = finding("balancing", balancing_sweep)
+    f = finding("balancing", majors, balancing_sweep)
     assert f.verdict == REPRODUCED and verdicts(f) == [REPRODUCED] * 3
     assert check(f, "low aux").effect == pytest.approx(0.02, abs=0.004)
     assert "routing/max_load" in check(f, "low aux").detail and "+2.0" in check(f, "low aux").detail
@@ -209,10 +252,11 @@ def test_balancing_failure_modes_and_robust_middle_are_reproduced():
     assert high.effect == pytest.approx(0.04, abs=0.005)  # at 256 experts: 4x the harm at 64
     assert number_after(high.detail, "n=64:") == pytest.approx(0.01, abs=0.005)
     assert check(f, "robust").effect < 0.01
+    assert (f.table["reasonable_high"] < SMALL_RATIO * 0.09).all()  # a quarter of the expert-count effect
 
 
 def test_balancing_without_a_steps_table_judges_loss_only():
-    f = finding("balancing", balancing_sweep, steps=False)
+    f = finding("balancing", majors, balancing_sweep, steps=False)
     assert f.verdict == REPRODUCED and "loss only" in check(f, "low aux").detail
 
 
@@ -237,9 +281,71 @@ def test_a_grid_without_very_high_bias_rates_leaves_that_failure_untested():
     assert check(f, "very high bias").verdict == NOT_TESTED and f.verdict == INCONCLUSIVE
 
 
-def test_reasonable_settings_that_differ_beyond_the_noise_contradict_robustness():
-    f = finding("balancing", lambda b: balancing_sweep(b, spread=0.05))
+@pytest.mark.parametrize("spread, verdict", [(0.05, INCONCLUSIVE), (0.2, CONTRADICTED)])
+def test_reasonable_settings_far_apart_relative_to_expert_count_contradict_robustness(spread, verdict):
+    # 0.55 x spread apart: 0.0275, about a quarter of the expert-count effect (0.1), is neither shown
+    # small nor shown large; 0.11, as much as expert count moves loss, is not robust.
+    f = finding("balancing", majors, lambda b: balancing_sweep(b, spread=spread))
+    assert check(f, "robust").verdict == verdict and f.verdict == verdict
+    assert check(f, "robust").effect == pytest.approx(0.55 * spread, abs=0.01)
+
+
+def test_balancing_robustness_without_granularity_in_the_tables_is_not_judged():
+    # The balancing sweep itself varies S (8, 32), so expert count is measured; granularity is not.
+    f = finding("balancing", balancing_sweep)
+    c = check(f, "robust")
+    assert c.verdict == NOT_TESTED and f.verdict == INCONCLUSIVE
+    assert "these tables do not measure granularity" in c.detail
+    assert verdicts(f)[1:] == [REPRODUCED, REPRODUCED]  # the failure modes need no reference
+
+
+def many_settings(**kw):
+    """The balancing sweep over MANY_AUX x MANY_BIAS: 11 settings between the failure modes."""
+    return lambda b: balancing_sweep(b, aux=MANY_AUX, bias=MANY_BIAS, **kw)
+
+
+def test_a_tiny_real_spread_over_many_reasonable_settings_is_small_and_robust():
+    """11 reasonable settings whose losses really differ (the studentized range puts it beyond the
+    noise) by about a tenth of the expert-count effect: small relative to it, as the study says.
+    The old rule (range against 4 standard errors of one difference, whatever the number of
+    settings) called every group of this sweep contradicted."""
+    found = findings(majors, many_settings(spread=0.014), seeds=6)
+    f = found["balancing"]
+    t = f.table
+    assert (t["reasonable_settings"] == 11).all()
+    assert (t["reasonable_p"] < 0.01).all()  # a real effect
+    assert (t["reasonable_range"] > 4 * difference_se(f.noise, 6)).all()  # what the old rule called not robust
+    assert check(f, "robust").verdict == REPRODUCED and f.verdict == REPRODUCED
+    assert check(f, "robust").effect == pytest.approx(0.65 * 0.014, abs=0.004)
+    assert ((t["reasonable_low"] > 0) & (t["reasonable_high"] < SMALL_RATIO * 0.09)).all()
+    small = found["small_effects"]
+    row = small.table.set_index("factor").loc["balancing (reasonable aux x bias)"]
+    assert row["settings"] == 11 and row["p_noise"] < 0.01 and row["ci_low"] > 0
+    assert row["verdict"] == REPRODUCED and row["ratio_high"] <= SMALL_RATIO
+    assert check(small, "move loss less").verdict == REPRODUCED
+
+
+def test_pure_noise_over_many_reasonable_settings_is_within_the_noise_and_robust():
+    found = findings(majors, many_settings(spread=0.0))
+    t = found["balancing"].table
+    # 11 means of pure noise spread over about 3 standard errors, which the studentized range expects.
+    assert (t["reasonable_p"] > 0.05).all() and (t["reasonable_low"] == 0).all()
+    assert check(found["balancing"], "robust").verdict == REPRODUCED
+    assert found["small_effects"].table.set_index("factor").loc["balancing (reasonable aux x bias)", "verdict"] \
+        == REPRODUCED
+
+
+def test_one_setting_far_off_among_many_reasonable_ones_contradicts_robustness():
+    found = findings(majors, many_settings(off={(1e-2, 1e-3): 0.05}))
+    f = found["balancing"]
     assert check(f, "robust").verdict == CONTRADICTED and f.verdict == CONTRADICTED
+    assert check(f, "robust").effect == pytest.approx(0.05, abs=0.01)
+    assert verdicts(f)[1:] == [REPRODUCED, REPRODUCED]  # the failure modes are as published
+    assert (f.table["reasonable_low"] > SMALL_RATIO * 0.12).all()  # shown larger than small, in every group
+    small = found["small_effects"]
+    row = small.table.set_index("factor").loc["balancing (reasonable aux x bias)"]
+    assert row["verdict"] == CONTRADICTED and row["ratio_low"] > SMALL_RATIO
+    assert check(small, "move loss less").verdict == CONTRADICTED and small.verdict == CONTRADICTED
 
 
 # -- 7. UniPool ---------------------------------------------------------------------------------

@@ -11,17 +11,19 @@ from analysis.findings.comparisons import controlled, plain_moe, row_keys
 from analysis.findings.verdicts import (
     CONTRADICTED, INCONCLUSIVE, NOT_TESTED, REPRODUCED, Check, Finding, judge, noise_tolerance, spread_beyond_noise,
 )
-from analysis.stats import SETTINGS, mean_by
+from analysis.stats import SETTINGS, mean_by, seed_noise_dof
 
 GRANULARITY_MOVES = ["granularity", "num_experts", "top_k", "expert_width"]
 _INVARIANT = "best g invariant to total parameters (across S at fixed active)"
 _MOVES = "best g moves with active parameters (across scales)"
 
 
-def _granularity_curves(df: pd.DataFrame, noise: float | None) -> list[dict]:
+def _granularity_curves(df: pd.DataFrame, noise: float | None, dof: float) -> list[dict]:
     """Loss vs g per controlled group (>= 3 granularities), with `tol`: how far above a curve's
-    minimum a g is still near-optimal (the noise; 0, the argmin alone, when it is unknown). A
-    family is the curves over one g grid whose settings differ in S alone."""
+    minimum a g is still near-optimal (the noise; 0, the argmin alone, when it is unknown), and
+    `matters`: whether its range over the g values is beyond the noise (the studentized range over
+    as many g; None when the noise is unknown). A family is the curves over one g grid whose
+    settings differ in S alone."""
     family_cols = [c for c in SETTINGS if c not in GRANULARITY_MOVES + ["sparsity"]]
     curves = []
     for g in controlled(plain_moe(df), GRANULARITY_MOVES, min_levels=3):
@@ -30,7 +32,8 @@ def _granularity_curves(df: pd.DataFrame, noise: float | None) -> list[dict]:
         curves.append({"scale": g["scale"].iloc[0], "active_params": int(g["active_params"].iloc[0]),
                        "S": float(g["sparsity"].iloc[0]), "grid": tuple(by.index),
                        "family": row_keys(g.iloc[:1], family_cols).iloc[0] + str(tuple(by.index)),
-                       "n": n, "tol": noise_tolerance(noise, n), "range": float(by.max() - by.min()), "curve": by})
+                       "n": n, "tol": noise_tolerance(noise, n), "range": float(by.max() - by.min()), "curve": by,
+                       "matters": spread_beyond_noise(float(by.max() - by.min()), noise, n, len(by), dof)})
     return curves
 
 
@@ -59,7 +62,7 @@ def _invariance_check(curves: list[dict]) -> Check:
                  f"families (scale, g grid); the best common g costs at most {cost:.4f} over each curve's minimum")
 
 
-def _moves_check(curves: list[dict], noise: float | None) -> Check:
+def _moves_check(curves: list[dict]) -> Check:
     """Half 2: the best g moves with active parameters: no g is near-optimal at both the smallest
     and the largest active size. Contradicted: one is, while granularity matters beyond the noise
     at both. Effect: octaves from the smallest to the largest active size's best g."""
@@ -73,7 +76,7 @@ def _moves_check(curves: list[dict], noise: float | None) -> Check:
     found = [_near_and_best(cs) for cs in ends]
     best = [float(pd.Series(b).mode().iloc[0]) for _, b in found]
     near = [n or {b} for (n, _), b in zip(found, best)]
-    sharp = all(any(spread_beyond_noise(c["range"], noise, c["n"]) is not False for c in cs) for cs in ends)
+    sharp = all(any(c["matters"] is not False for c in cs) for cs in ends)
     verdict = REPRODUCED if not near[0] & near[1] else CONTRADICTED if sharp else INCONCLUSIVE
     octaves = math.log2(best[1] / best[0])
     return Check(_MOVES, verdict, octaves,
@@ -87,7 +90,7 @@ def best_granularity(df: pd.DataFrame, noise: float | None) -> Finding:
     curve's minimum. Invariance: per scale, some g is near-optimal at every S. Moves: no g is
     near-optimal at both the smallest and the largest active size. Inconclusive when granularity
     moves loss within the noise everywhere."""
-    curves = _granularity_curves(df, noise)
+    curves = _granularity_curves(df, noise, seed_noise_dof(df) or math.inf)
     f = Finding("granularity", "2. Best granularity depends on active parameters",
                 "The optimal expert size depends on active parameters only: invariant to total parameters (S) at "
                 "fixed active parameters, moving with the active size.", INCONCLUSIVE,
@@ -97,11 +100,11 @@ def best_granularity(df: pd.DataFrame, noise: float | None) -> Finding:
     f.table = pd.DataFrame([{"scale": c["scale"], "active_params": c["active_params"], "S": c["S"],
                              "best_g": float(c["curve"].idxmin()), "best_loss": float(c["curve"].min()),
                              "loss_range": c["range"]} for c in curves])
-    if not any(spread_beyond_noise(c["range"], noise, c["n"]) is not False for c in curves):
+    if not any(c["matters"] is not False for c in curves):
         flat = f"granularity moves loss by at most {f.table['loss_range'].max():.4f}, within the noise"
         f.checks = [Check(_INVARIANT, INCONCLUSIVE, detail=flat), Check(_MOVES, INCONCLUSIVE, detail=flat)]
     else:
-        f.checks = [_invariance_check(curves), _moves_check(curves, noise)]
+        f.checks = [_invariance_check(curves), _moves_check(curves)]
 
     def plot(fig):
         ax = fig.add_subplot(1, 1, 1)

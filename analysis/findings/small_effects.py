@@ -3,16 +3,17 @@ count and granularity, and generalist shared experts hurt."""
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import pandas as pd
 
 from analysis.findings.balancing import balancing_class
-from analysis.findings.comparisons import all_but, controlled, pair_trials, per_comparison, plain_moe, vanilla_moe
-from analysis.findings.granularity import GRANULARITY_MOVES
-from analysis.findings.verdicts import (
-    CONTRADICTED, INCONCLUSIVE, NOT_TESTED, REPRODUCED, Check, Finding, fmt, judge, sign_rule, signed_list,
+from analysis.findings.comparisons import all_but, pair_trials, per_comparison, plain_moe, vanilla_moe
+from analysis.findings.relative import (
+    LEVEL, SMALL_RATIO, Spread, combine, factor_spread, interval_text, noise_dof, pick_reference, ratio_interval,
+    reference_spreads, reference_text, small_verdict, spread_of,
 )
-from analysis.stats import beyond_noise, mean_by
+from analysis.findings.verdicts import INCONCLUSIVE, NOT_TESTED, Check, Finding, fmt, judge, sign_rule, signed_list
 
 # A shared expert at least half the dense FFN wide is the study's "generalist".
 GENERALIST_MIN_GRANULARITY = 0.5
@@ -35,52 +36,62 @@ def _shared_pairs(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return table.rename(columns={"delta": "loss_minus_plain"}), unmatched
 
 
-def _effect(df: pd.DataFrame, factors: list[str], primary: str | None, same_sweep: bool) -> tuple[float, int]:
-    """Mean over controlled groups of the range of mean loss across the factors' levels."""
-    means = [mean_by(g, factors) for g in controlled(df, factors, primary=primary, same_sweep=same_sweep)]
-    ranges = [float(m.max() - m.min()) for m in means]
-    return (float(np.mean(ranges)) if ranges else float("nan")), len(ranges)
-
-
-def _factor_effects(df: pd.DataFrame, shared: pd.DataFrame) -> pd.DataFrame:
-    """Effect size per factor: the mean range of loss across its levels in controlled groups. Shared
-    experts: across the plain MoE and its matched-total non-generalist shared variants. Balancing:
-    over the reasonable settings only (its failure modes are finding 6)."""
-    rows = []
-    for name, cols, primary in [("expert count (S)", ["sparsity", "num_experts", "expert_width"], "sparsity"),
-                                ("granularity", GRANULARITY_MOVES, "granularity")]:
-        effect, n = _effect(df, cols, primary, same_sweep=False)
-        rows.append({"factor": name, "kind": "major", "effect": effect, "groups": n})
+def _minor_spreads(df: pd.DataFrame, shared: pd.DataFrame, noise: float | None, dof: float) -> dict[str, Spread | None]:
+    """The spread of each minor factor (None where it is not swept). Shared experts: across the
+    plain MoE and its matched-total non-generalist shared variants (paired by seed, so the range
+    of their mean losses). Balancing: over the reasonable settings only (its failure modes are
+    finding 6). Heterogeneous sets and balancing move several settings at once: within one sweep."""
     minor = shared[shared["shared_granularity"] < GENERALIST_MIN_GRANULARITY]
-    ranges = minor.groupby("setting_ref")["loss_minus_plain"].agg(lambda d: max(d.max(), 0.0) - min(d.min(), 0.0))
-    rows.append({"factor": "shared experts (matched total)", "kind": "minor",
-                 "effect": float(ranges.mean()) if len(ranges) else float("nan"), "groups": len(ranges)})
-    # Heterogeneous sets and balancing move several settings at once: compare within one sweep.
-    effect, n = _effect(df, ["expert_sets", "granularity", "num_experts", "top_k", "expert_width"], "expert_sets",
-                        same_sweep=True)
-    rows.append({"factor": "heterogeneous sets", "kind": "minor", "effect": effect, "groups": n})
+    ranges = [(max(g["loss_minus_plain"].max(), 0.0) - min(g["loss_minus_plain"].min(), 0.0), len(g) + 1,
+               int(g["seeds"].min())) for _, g in minor.groupby("setting_ref")]
     vanilla = vanilla_moe(df)
     reasonable = [balancing_class(a, b) == "reasonable" for a, b in zip(vanilla["aux_weight"], vanilla["bias_rate"])]
-    effect, n = _effect(vanilla[reasonable], ["aux_weight", "bias_rate"], None, same_sweep=True)
-    rows.append({"factor": "balancing (reasonable aux x bias)", "kind": "minor", "effect": effect, "groups": n})
+    return {
+        "shared experts (matched total)": spread_of(ranges, noise, dof),
+        "heterogeneous sets": factor_spread(df, ["expert_sets", "granularity", "num_experts", "top_k", "expert_width"],
+                                            "expert_sets", noise, dof, same_sweep=True),
+        "balancing (reasonable aux x bias)": factor_spread(vanilla[reasonable], ["aux_weight", "bias_rate"], None,
+                                                           noise, dof, same_sweep=True),
+    }
+
+
+def _factor_table(refs: dict[str, Spread | None], minors: dict[str, Spread | None]) -> pd.DataFrame:
+    """One row per factor: its spread with the interval, the noise test's p, and for the minor ones
+    the spread as a multiple of the reference (with its interval) and its own verdict."""
+    ref = pick_reference(refs)
+    rows = []
+    for kind, spreads in (("major", refs), ("minor", minors)):
+        for name, sp in spreads.items():
+            row = {"factor": name, "kind": kind, "effect": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+                   "groups": 0, "settings": 0, "seeds": 0, "p_noise": math.nan, "ratio_low": math.nan,
+                   "ratio": math.nan, "ratio_high": math.nan, "verdict": NOT_TESTED if kind == "minor" else ""}
+            if sp is not None:
+                row.update(effect=sp.effect, ci_low=sp.low, ci_high=sp.high, groups=sp.groups, settings=sp.settings,
+                           seeds=sp.seeds, p_noise=math.nan if sp.p is None else sp.p)
+            if sp is not None and kind == "minor":
+                low, high = ratio_interval(sp.low, sp.high, ref)
+                ratio = sp.effect / ref[1].effect if ref and ref[1].effect > 0 else math.nan
+                row.update(ratio_low=low, ratio=ratio, ratio_high=high, verdict=small_verdict(sp, ref))
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _minor_check(table: pd.DataFrame, noise: float | None) -> Check:
-    """Reproduced: the largest minor effect is below the smallest major one; contradicted: the
-    smallest minor effect is above the largest major one."""
+def _minor_check(table: pd.DataFrame, refs: dict[str, Spread | None], noise: float | None) -> Check:
+    """Each swept minor factor's spread is small against the smaller of the expert-count and
+    granularity spreads (`relative.small_verdict`); contradicted when one is shown not small. Not
+    tested without a minor factor swept or without both references measured."""
     claim = "shared experts, heterogeneous sets and balancing move loss less than expert count and granularity"
-    major = table[(table["kind"] == "major") & (table["groups"] > 0)]["effect"]
-    minor = table[(table["kind"] == "minor") & (table["groups"] > 0)]["effect"]
-    detail = "mean loss range per factor: " + ", ".join(
-        f"{r['factor']} {fmt(r['effect'])} ({r['groups']} groups)" for r in table.to_dict("records") if r["groups"])
-    if not len(major) or not len(minor):
-        return Check(claim, NOT_TESTED, detail=detail + "; needs both a major and a minor factor swept")
-    if noise is not None and not beyond_noise(major.min(), noise):
-        return Check(claim, INCONCLUSIVE, float(minor.max()),
-                     detail + "; expert count and granularity themselves move loss within the noise")
-    verdict = REPRODUCED if minor.max() < major.min() else CONTRADICTED if minor.min() > major.max() else INCONCLUSIVE
-    return Check(claim, verdict, float(minor.max()), detail)
+    minor = table[(table["kind"] == "minor") & (table["groups"] > 0)]
+    listing = "; ".join(f"{r['factor']} {interval_text(r['effect'], r['ci_low'], r['ci_high'], r['p_noise'])} "
+                        f"over {r['groups']} groups of up to {r['settings']} settings"
+                        + (f", {fmt(r['ratio'], 2)}x [{fmt(r['ratio_low'], 2)}, {fmt(r['ratio_high'], 2)}] of the "
+                           f"reference: {r['verdict']}" if not math.isnan(r["ratio"]) else "")
+                        for r in minor.to_dict("records"))
+    detail = reference_text(refs, noise) + (f"; {listing}" if listing else "")
+    if minor.empty:
+        return Check(claim, NOT_TESTED, detail=detail + "; no minor factor is swept")
+    verdict = NOT_TESTED if pick_reference(refs) is None else combine(list(minor["verdict"]))
+    return Check(claim, verdict, float(minor["effect"].max()), detail)
 
 
 def _generalist_check(shared: pd.DataFrame, unmatched: int, noise: float | None) -> Check:
@@ -100,21 +111,30 @@ def _generalist_check(shared: pd.DataFrame, unmatched: int, noise: float | None)
 
 
 def small_effects(df: pd.DataFrame, noise: float | None) -> Finding:
-    """Shared experts, heterogeneous sets and balancing move loss less than expert count and
-    granularity (effect = mean range of loss across a factor's levels), and generalist experts
-    hurt. Shared-expert variants are compared with the plain MoE at matched total parameters."""
+    """Shared experts, heterogeneous sets and balancing have small effects relative to expert count
+    and granularity (`relative`: each factor's largest range of loss over its levels, with an
+    interval, against SMALL_RATIO of the smaller reference), and generalist experts hurt.
+    Shared-expert variants are compared with the plain MoE at matched total parameters."""
     shared, unmatched = _shared_pairs(df)
-    table = _factor_effects(df, shared)
+    dof = noise_dof(df)
+    refs = reference_spreads(df, noise, dof)
+    table = _factor_table(refs, _minor_spreads(df, shared, noise, dof))
     f = Finding("small_effects", "3. Shared experts, heterogeneous sets and balancing matter little",
                 "Shared-expert size, heterogeneous experts and balancing settings have small effects; generalist "
                 "experts consistently hurt (at matched total parameters).", INCONCLUSIVE, "", table, noise)
-    f.checks = [_minor_check(table, noise), _generalist_check(shared, unmatched, noise)]
+    f.checks = [_minor_check(table, refs, noise), _generalist_check(shared, unmatched, noise)]
 
     def plot(fig):
         ax = fig.add_subplot(1, 1, 1)
         t = table[table["groups"] > 0]
-        ax.barh(t["factor"], t["effect"], color=["tab:blue" if k == "major" else "tab:gray" for k in t["kind"]])
-        ax.set_xlabel("mean range of validation loss across the factor's levels")
+        err = [t["effect"] - t["ci_low"], t["ci_high"] - t["effect"]]
+        ax.barh(t["factor"], t["effect"], xerr=err, capsize=3,
+                color=["tab:blue" if k == "major" else "tab:gray" for k in t["kind"]])
+        ref = pick_reference(refs)
+        if ref is not None and ref[1].low > 0:
+            ax.axvline(SMALL_RATIO * ref[1].low, color="tab:red", ls="--", lw=1, label=f"{SMALL_RATIO:g} x reference")
+            ax.legend(fontsize=7)
+        ax.set_xlabel(f"largest range of validation loss across the factor's levels ({LEVEL:.0%} interval)")
     f.plot = plot
     return judge(f)
 

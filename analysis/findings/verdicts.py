@@ -9,14 +9,13 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis.stats import beyond_noise, difference_se
+from analysis.stats import beyond_noise, difference_se, studentized_range_quantile
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "contradicted", "inconclusive"
 NOT_TESTED = "not tested"  # a sub-claim the tables hold no comparison for (never a finding's verdict)
 
-# The spread of k seed-averaged losses grows with k under pure noise; 4 standard errors of a
-# difference keeps a grid of ~16 settings from looking sensitive by chance (P < 1%).
-SPREAD_SE = 4.0
+# A spread of k settings "beyond the noise" is one pure noise exceeds at most this often, whatever k.
+SPREAD_ALPHA = 0.05
 
 
 @dataclass
@@ -77,9 +76,13 @@ def noise_tolerance(noise: float | None, n: int) -> float:
     return 2 * difference_se(noise, n) if noise is not None else 0.0
 
 
-def spread_beyond_noise(spread: float, noise: float | None, n: int) -> bool | None:
-    """Is the range of several n-seed means more than noise explains (SPREAD_SE)? None if unknown."""
-    return None if noise is None else bool(spread > SPREAD_SE * difference_se(noise, n))
+def spread_beyond_noise(spread: float, noise: float | None, n: int, k: int, dof: float = math.inf) -> bool | None:
+    """Is the range of k n-seed means more than noise explains? The studentized range test at
+    SPREAD_ALPHA, whose null distribution widens with k (a fixed number of standard errors does
+    not). None if the noise is unknown."""
+    if noise is None:
+        return None
+    return bool(spread > studentized_range_quantile(1 - SPREAD_ALPHA, k, dof) * noise / math.sqrt(max(n, 1)))
 
 
 def sign_rule(effects: list[tuple[float, int]], noise: float | None, sign: int) -> str:
