@@ -130,7 +130,7 @@ def test_run_repairs_rows_and_steps_and_reruns_what_it_cannot_rebuild(tmp_path, 
 
     assert run_sweep(path, options(tmp_path), quiet()) == {"completed": 4}
     after = {r["trial_id"]: r for r in read_rows(paths.trials)}
-    assert sorted(after) == sorted(before) and scan_rows(paths.trials)[1] == [] and scan_rows(paths.steps)[1] == []
+    assert sorted(after) == sorted(before) and scan_rows(paths.trials)[1] == [] and scan_rows(paths.steps, "steps")[1] == []
     for key in ("val_loss", "train_loss", "steps", "status", "config_json"):
         assert after[a][key] == before[a][key]  # rebuilt as the trial wrote it
     assert after[c]["val_loss"] == pytest.approx(before[c]["val_loss"])  # resumed at its end: nothing retrained
