@@ -20,7 +20,6 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
-import pyarrow as pa
 
 from moe_core.files import DamagedFileWarning
 from orchestrator.results import DamagedFile, file_damage, read_rows_of
@@ -110,10 +109,8 @@ def _readable(files: list[str], table: str) -> tuple[list[str], list[tuple[str, 
         try:
             read_rows_of(Path(f), table)
             good.append(f)
-        except DamagedFile as err:
+        except DamagedFile as err:  # read_rows_of turns every read error into one
             bad.append((f, err.reason))
-        except pa.ArrowException as err:
-            bad.append((f, str(err).splitlines()[0][:200]))
     return good, bad
 
 

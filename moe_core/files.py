@@ -62,6 +62,11 @@ def _null_nan(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def error_line(err: BaseException) -> str:
+    """An exception's first line (pyarrow's messages run on), at most 200 characters."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 class DamagedFileWarning(UserWarning):
     """A file damaged from outside was set aside or left out (the message says which and why)."""
 
@@ -74,6 +79,6 @@ def parquet_damage(path: Path, columns: tuple[str, ...] = ()) -> str | None:
     except FileNotFoundError:
         raise
     except (OSError, pa.ArrowException, ValueError) as err:
-        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        return error_line(err)
     missing = [c for c in columns if c not in names]
     return f"no column {missing[0]!r}: another table's file" if missing else None

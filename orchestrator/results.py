@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moe_core.files import parquet_damage, write_parquet
+from moe_core.files import error_line, parquet_damage, write_parquet
 
 # Trial states. Terminal ones are never re-run by a resumed sweep; `failed` trials are retried
 # (from their last checkpoint) by the next `moe-sweep run`.
@@ -224,7 +224,7 @@ def read_rows_of(file: Path, table: str = "trials") -> list[dict[str, Any]]:
     except FileNotFoundError:  # vanished mid-read (a restart cleaning up)
         return []
     except (OSError, pa.ArrowException) as err:  # the footer was fine, the data is not
-        damage = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        damage = error_line(err)
     if damage is not None:
         raise DamagedFile(file, damage)
     return rows
