@@ -11,7 +11,8 @@ mean GPU utilisation, for:
 - today's behaviour: the sweeps one after another, every trial on the YAML's shape (4 GPUs,
   Ray's soft packing), first come first served with backfill: list-scheduled on the plan's own estimates (it
   cannot run as one command: one sweep per command, and its rows would be another study's);
-- the new behaviour as the same model predicts it (whole-node trials first, then longest first; a look-ahead of 8; per-trial shapes, gangs);
+- the new behaviour as the same model predicts it (the queue order `moe-sweep run` picks on this
+  cluster, the driver's time per start counted at SCALE; a look-ahead of 8; per-trial shapes, gangs);
 - the new behaviour measured on the cluster (the real orchestrator, simulated trials).
 
 With `--faults` the measured run loses 2 worker nodes part-way (added back later) and its driver
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from orchestrator.cluster_model import Job, Schedule, longest_first, simulate  # noqa: E402
+from orchestrator.cluster_model import DRIVER_SECONDS_PER_START, Job, Schedule, best_queue, simulate  # noqa: E402
 from orchestrator.planner import Plan, SweepFile, plan_sweep, sweep_files  # noqa: E402
 
 TODAY_WORKERS = 4  # every slicing_dicing YAML's `resources.workers` before per-trial shapes
@@ -60,9 +61,12 @@ def today(folder: str, nodes: int, per_node: int) -> Schedule:
     return simulate(jobs, nodes, per_node, window=None)  # Tune's default: hundreds of requests pending
 
 
-def new_model(ps: list[Plan], nodes: int, per_node: int) -> Schedule:
-    jobs = longest_first((Job(t.est_hours, int(t.shape.gpus)) for p in ps for t in p.trials), per_node)
-    return simulate(jobs, nodes, per_node)
+def new_model(ps: list[Plan], nodes: int, per_node: int, scale: float = 1.0) -> tuple[str, Schedule]:
+    """The orchestrator's queue on this cluster as the model predicts it, the driver's time per
+    start counted at `scale` (the order is the one `moe-sweep run` would choose)."""
+    jobs = [Job(t.est_hours, int(t.shape.gpus)) for p in ps for t in p.trials]
+    order, _, s = best_queue(jobs, nodes, per_node, DRIVER_SECONDS_PER_START / 3600 / scale)
+    return order, s
 
 
 def line(label: str, s: Schedule) -> str:
@@ -145,13 +149,16 @@ def main() -> None:
     folder = str(Path(args.sweeps).resolve())
 
     ps = plans(folder)
-    old, model = today(folder, nodes, per_node), new_model(ps, nodes, per_node)
+    old = today(folder, nodes, per_node)
     trials = sum(len(p.trials) for p in ps)
-    scale = args.scale or args.minutes * 60 / (model.makespan * 3600)
+    # SCALE from the makespan at real speed, then the model at that SCALE (the queue's order and
+    # the driver's share both depend on it).
+    scale = args.scale or args.minutes * 60 / (new_model(ps, nodes, per_node)[1].makespan * 3600)
+    order, model = new_model(ps, nodes, per_node, scale)
     print(f"{trials:,} trials of {len(ps)} sweeps ({args.sweeps}) on {nodes} nodes x {per_node} fake GPUs; "
           f"SCALE {scale:.3g} (1 planned hour = {3600 * scale:.2f} s)", flush=True)
     print(line("today (model: one sweep at a time)", old))
-    print(line("new (model: one queue)", model), flush=True)
+    print(line(f"new (model: one queue, {order})", model), flush=True)
 
     runs = Path(args.keep or tempfile.mkdtemp(prefix="cluster-schedule-"))
     runs.mkdir(parents=True, exist_ok=True)

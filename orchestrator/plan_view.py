@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_core.errors import ConfigError
-from orchestrator.cluster_model import Job, Schedule, longest_first, simulate
+from orchestrator.cluster_model import DRIVER_SECONDS_PER_START, Job, best_queue
 from orchestrator.planner import Plan
 
 
@@ -30,8 +30,9 @@ def _hours(h: float) -> str:
 
 
 def queue_schedule(plans: list[Plan], gpus: int, per_node: int) -> dict[str, Any]:
-    """The wall time of all the plans' trials as one queue (longest first, gang placement) on
-    `gpus` GPUs in nodes of `per_node`: list scheduling on the plan's estimates."""
+    """The wall time of all the plans' trials as one queue (in the order `moe-sweep run` would
+    choose, gang placement) on `gpus` GPUs in nodes of `per_node`: list scheduling on the plan's
+    estimates."""
     if gpus < 1 or per_node < 1 or gpus % per_node:
         raise ConfigError(f"--gpus ({gpus}) must be a positive multiple of --gpus-per-node ({per_node})")
     trials = [t for p in plans for t in p.trials if t.shape.gpus_per_worker]
@@ -41,8 +42,9 @@ def queue_schedule(plans: list[Plan], gpus: int, per_node: int) -> dict[str, Any
     if widest.shape.gpus > gpus:
         raise ConfigError(f"--gpus {gpus}: trial {widest.trial_id} ({widest.sweep}) is planned on {widest.shape.gpus:g} GPUs")
     jobs = [Job(t.est_hours, math.ceil(t.shape.gpus), True) for t in trials]
-    s: Schedule = simulate(longest_first(jobs, per_node), gpus // per_node, per_node)
-    return {"gpus": gpus, "gpus_per_node": per_node, "trials": len(jobs), "wall_hours": s.makespan, "gpu_hours": s.gpu_hours,
+    order, _, s = best_queue(jobs, gpus // per_node, per_node, DRIVER_SECONDS_PER_START / 3600)
+    return {"gpus": gpus, "gpus_per_node": per_node, "trials": len(jobs), "order": order, "wall_hours": s.makespan,
+            "gpu_hours": s.gpu_hours,
             "bound_hours": s.bound, "utilisation": s.utilisation, "longest_hours": s.longest}
 
 
@@ -97,7 +99,7 @@ def print_plans(plans: list[Plan], console: Console, limit: int, cluster: dict[s
         nodes = cluster['gpus'] // cluster['gpus_per_node']
         console.print(f"on {cluster['gpus']} GPUs ({nodes} node{'s' * (nodes != 1)} of "
                       f"{cluster['gpus_per_node']}): {cluster['trials']:,} trial{'s' * (cluster['trials'] != 1)} in about {_hours(cluster['wall_hours'])} "
-                      f"(one queue, whole nodes then longest first; lower bound {_hours(cluster['bound_hours'])}, GPU utilisation "
+                      f"(one queue, {cluster['order']}; lower bound {_hours(cluster['bound_hours'])}, GPU utilisation "
                       f"{cluster['utilisation']:.1%}); on the plan's estimates")
 
 

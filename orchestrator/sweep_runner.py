@@ -18,6 +18,7 @@ sweeps' folders and starts over.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -41,7 +42,9 @@ from orchestrator.ray_session import auth_token_path, cleanup_orphans, start_ray
 from orchestrator.repair import repair
 from orchestrator.results import (FAILED, RUNNING, STOPPED, TERMINAL, DamagedFile, SweepPaths, read_rows, read_rows_of, trial_row,
                                   trial_states, write_row)
+from orchestrator.cluster_model import DRIVER_SECONDS_PER_START, Job, best_queue
 from orchestrator.cluster_model import queue_key as queue_key_of
+from orchestrator.queue_search import QueueGate, QueueSearcher
 from orchestrator.shapes import TrialShape
 from orchestrator.trial_fn import TrialContext, queue_key, run_trial, split_key, trial_meta
 
@@ -83,6 +86,7 @@ class _Driver:
     sweeps: dict[str, _Sweep]
     view: LiveView
     mlflow: MLflowQueue
+    gate: QueueGate | None = None  # grid and random queues: which handed-out trials wait to start
 
 
 class ResultsCallback(Callback):
@@ -104,7 +108,16 @@ class ResultsCallback(Callback):
                 view.label(key, dict(trial.config or {}))
             view.result(key, result)
 
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._started(trial)
+
+    def _started(self, trial: Any) -> None:
+        gate = self._driver().gate
+        if gate is not None and "trial" in (trial.config or {}):
+            gate.started(trial.config["trial"])
+
     def _finish(self, trial: Any, error: bool) -> None:
+        self._started(trial)  # one that ended before it ran no longer waits either
         driver = self._driver()
         key = _queue_key_of(trial)
         if key is None:  # a Bayesian point that reported nothing: infeasible (or failed at once)
@@ -261,7 +274,9 @@ def _run(sweeps: dict[str, _Sweep], options: RunOptions, console: Console) -> No
         if setup is None:
             console.print(f"{bayes.name}: all {bayes.sweep.spec.trials} points are sampled and finished")
             return
-        trainable, param_space, tune_config, total = setup
+        trainable, param_space, tune_config, total, order, gate = setup
+        if order and total > 1:
+            console.print(f"queue: {total:,} trials, {order}")
         for s in sweeps.values():
             finished = s.plan.planned_trials - len(s.pending) if s.sweep.spec.method != "bayes" else 0
             if finished:
@@ -278,7 +293,7 @@ def _run(sweeps: dict[str, _Sweep], options: RunOptions, console: Console) -> No
         run_config = tune.RunConfig(
             name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(_tune_storage(sweeps, options)), verbose=0,
             failure_config=tune.FailureConfig(max_failures=retries),
-            callbacks=[ResultsCallback(str(first.paths.root), _Driver(sweeps, view, mlflow))],
+            callbacks=[ResultsCallback(str(first.paths.root), _Driver(sweeps, view, mlflow, gate))],
         )
         mlflow.start()
         try:
@@ -318,12 +333,6 @@ def _quiet_tune() -> None:
     # and MLflow), and writing them is the largest per-trial cost after MLflow (bench:
     # orchestrator_overhead.py, 4-8 ms per trial on 2 cores).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    # A short look-ahead: Tune asks Ray for the placement groups of the next few queued trials
-    # only (its default is hundreds), so narrow trials far down the queue cannot take, GPU by GPU,
-    # the node a wide trial at its head waits for; measured on the simulated study with the
-    # default, 8-GPU trials waited many times their planned time. A few, not one: each start
-    # (placement, the trial's process) then overlaps the others'.
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(LOOKAHEAD))
     # Tune's own experiment state (every trial, as JSON) is not how runs resume (the trials
     # tables are); with 2,358 trials each save held Tune's loop for 20-50 s, no trial starting
     # meanwhile. Every 15 minutes is plenty for what reads it (the dashboard's history).
@@ -355,24 +364,52 @@ def trial_resources(shape: TrialShape) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory([shape.worker_bundle() for _ in range(shape.workers)], strategy=shape.placement)
 
 
-# Queued trials whose placement groups Tune requests at once (`_quiet_tune`).
+# Queued trials of mixed shapes that wait for their placement groups at once
+# (`orchestrator.queue_search`): Tune's default is hundreds, and with hundreds pending, narrow
+# trials far down the queue took, GPU by GPU, the node a wide trial at its head waited for
+# (measured on the simulated study: 8-GPU trials waited many times their planned time). A few,
+# not one: each start (placement, the trial's process) then overlaps the others'.
 LOOKAHEAD = 8
+_USER_PENDING_LIMIT = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")  # a user's own setting wins
 
 
-def queue_order(trials: list[tuple[str, PlannedTrial]]) -> list[tuple[str, PlannedTrial]]:
-    """Trials of a whole node or more first, then the rest; longest planned first within each
-    (`orchestrator.cluster_model.queue_key`). Whole-node trials start while the cluster is empty
-    and free whole nodes for each other; the last trials to start are the shortest, so the
-    queue's tail is short."""
-    return sorted(trials, key=lambda st: (*queue_key_of(st[1].est_hours, st[1].shape.gpus, st[1].shape.workers_per_node
-                                                        * st[1].shape.gpus_per_worker), st[0], st[1].trial_id))
+def _pending_limit(n: int) -> None:
+    """How many trials Tune keeps waiting at once (read when the Tuner starts)."""
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = _USER_PENDING_LIMIT or str(n)
+
+
+def queue_order(
+    trials: list[tuple[str, PlannedTrial]], cluster_gpus: float = 0.0, scale: float | None = None
+) -> tuple[list[tuple[str, PlannedTrial]], str]:
+    """The queue and how it was chosen. Longest first (trials of a whole node or more first,
+    then the rest, longest planned first within each: `orchestrator.cluster_model.queue_key`):
+    whole-node trials start while the cluster is empty and free whole nodes for each other, and
+    the last trials to start are the shortest, so the tail is short. On a GPU cluster, whichever
+    of that and widest first the cluster model finishes sooner on its `cluster_gpus`
+    (`cluster_model.best_queue`), the driver's time per start counted at the run's speed
+    (`scale`: a simulation's seconds per planned second)."""
+    ordered = sorted(trials, key=lambda st: (*queue_key_of(st[1].est_hours, st[1].shape.gpus, _node_gpus(st[1])),
+                                             st[0], st[1].trial_id))
+    node = max((_node_gpus(t) for _, t in trials), default=0.0)
+    if node < 1 or cluster_gpus < node:  # CPU trials, or no GPU count to plan on
+        return ordered, "longest first"
+    nodes = int(cluster_gpus // node)
+    jobs = [Job(t.est_hours, math.ceil(t.shape.gpus), tag=(name, t)) for name, t in ordered]
+    name, queue, s = best_queue(jobs, nodes, int(node), DRIVER_SECONDS_PER_START / 3600 / (scale or 1.0))
+    return [j.tag for j in queue], (f"{name} (cluster model: {s.makespan:,.1f} h on {nodes * int(node)} GPUs, "
+                                    f"bound {s.bound:,.1f} h)")
+
+
+def _node_gpus(t: PlannedTrial) -> float:
+    return t.shape.workers_per_node * t.shape.gpus_per_worker
 
 
 def _tune_setup(
     sweeps: dict[str, _Sweep], bayes: _Sweep | None, options: RunOptions, cluster_cpus: float
-) -> tuple[Any, dict[str, Any], Any, int] | None:
-    """The trainable, search space, TuneConfig and trial count; None when a Bayesian sweep has
-    sampled and finished every point already."""
+) -> tuple[Any, dict[str, Any], Any, int, str | None, QueueGate | None] | None:
+    """The trainable, search space, TuneConfig, trial count, how the queue was ordered and its
+    gate (`orchestrator.queue_search`); None when a Bayesian sweep has sampled and finished every
+    point already."""
     ctx = TrialContext(
         runs_dir=str(Path(options.runs_dir).resolve()), noop=options.noop, simulate=options.simulate,
         sweeps={s.name: (s.sweep.spec.method, str(s.paths.snapshot), s.sweep.spec.seed_list[0], tuple(s.sweep.spec.parameters))
@@ -392,20 +429,30 @@ def _tune_setup(
             spec.resources.workers or 1, spec.resources.gpus, spec.resources.cpus, 1 << 30)
         resources = _PointResources(str(bayes.paths.snapshot), spec.seed_list[0], fallback)
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+        _pending_limit(LOOKAHEAD)
         return trainable, search_space(spec), tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-            max_concurrent_trials=concurrent or _fit(fallback, cluster_cpus), reuse_actors=True), remaining
+            max_concurrent_trials=concurrent or _fit(fallback, cluster_cpus), reuse_actors=True), remaining, None, None
     # Tune's configs carry only `sweep/trial_id` keys (its experiment state is saved often, and
     # grows with config size); each trial reads its resolved plan from runs/<sweep>/plan/.
-    queue = queue_order([(s.name, t) for s in sweeps.values() for t in s.pending])
+    import ray
+
+    queue, order = queue_order([(s.name, t) for s in sweeps.values() for t in s.pending],
+                               ray.cluster_resources().get("GPU", 0.0), options.simulate)
     for name, t in queue:
         write_json(sweeps[name].paths.plan / f"{t.trial_id}.json", trial_meta(t, sweeps[name].sweep.spec.method))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _QueueResources(queue))
-    return trainable, {"trial": tune.grid_search([queue_key(name, t.trial_id) for name, t in queue])}, tune.TuneConfig(
+    on_gpus = any(t.shape.gpus_per_worker for _, t in queue)
+    width = {queue_key(name, t.trial_id): t.shape.gpus if on_gpus else t.shape.workers * t.shape.cpus_per_worker
+             for name, t in queue}
+    gate = QueueGate(width, ray.cluster_resources().get("GPU" if on_gpus else "CPU", 0.0), LOOKAHEAD)
+    _pending_limit(gate.most_waiting)
+    return trainable, {}, tune.TuneConfig(
+        search_alg=QueueSearcher(list(width), gate), num_samples=len(queue),
         scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=True,
         trial_name_creator=lambda t: t.config["trial"].replace("/", "-"),
         trial_dirname_creator=lambda t: t.config["trial"].replace("/", "-"),
-    ), len(queue)
+    ), len(queue), order, gate
 
 
 class _QueueResources:

@@ -11,7 +11,7 @@ import pytest
 
 from moe_core.errors import ConfigError
 from orchestrator.cli import main
-from orchestrator.cluster_model import Job, longest_first, simulate
+from orchestrator.cluster_model import ORDERS, Job, best_queue, longest_first, simulate, widest_first
 from orchestrator.hardware import HARDWARE
 from orchestrator.planner import SweepFile, plan_sweep
 from orchestrator.shapes import FEWEST_NODES, ONE_NODE, TrialShape, worker_ladder
@@ -119,7 +119,44 @@ def test_queue_is_longest_first():
             self.trial_id, self.est_hours, self.shape = tid, hours, TrialShape(gpus, 1.0, 1.0, 8)
 
     trials = [("a", T("x", 1.0, 1)), ("b", T("y", 5.0, 1)), ("a", T("z", 5.0, 8)), ("b", T("w", 0.1, 2))]
-    assert [t.trial_id for _, t in queue_order(trials)] == ["z", "y", "x", "w"]
+    queue, order = queue_order(trials)  # no cluster to plan on: longest first
+    assert [t.trial_id for _, t in queue] == ["z", "y", "x", "w"] and order == "longest first"
+    # On a cluster: the order the cluster model finishes sooner, named with its prediction.
+    queue, order = queue_order(trials, cluster_gpus=16)
+    assert sorted(t.trial_id for _, t in queue) == ["w", "x", "y", "z"] and queue[0][1].trial_id == "z"
+    assert order.split(" (")[0] in ORDERS and "on 16 GPUs" in order
+
+
+def _jobs(n: int, hours: tuple[float, float], widths: tuple[int, ...] = (1,)) -> list[Job]:
+    import random
+
+    rng = random.Random(0)
+    return [Job(round(rng.uniform(*hours), 3), rng.choice(widths)) for _ in range(n)]
+
+
+def test_queue_paces_short_trials_only_when_the_driver_would_set_the_tail():
+    jobs = _jobs(200, (0.05, 2.0))
+    assert longest_first(jobs, 8, 8, 0.0) == sorted(jobs, key=lambda j: -j.hours)  # real speed: longest first
+    for gap in (0.01, 0.05):
+        paced = longest_first(jobs, 8, 8, gap)
+        assert sorted(paced, key=id) == sorted(jobs, key=id)  # the same trials, each once
+    # One start per 0.05 h: longest first leaves ~100 short trials to a driver-bound tail.
+    slow = 0.05
+    assert simulate(longest_first(jobs, 8, 8, slow), 1, 8, start_gap=slow).makespan < \
+        simulate(longest_first(jobs, 8, 8, 0.0), 1, 8, start_gap=slow).makespan - 0.2
+
+
+def test_best_queue_is_the_order_the_model_finishes_first():
+    mixed = _jobs(60, (0.5, 3.0), (1, 2))
+    widths = [j.gpus for j in widest_first(mixed, 8, 8)]
+    assert widths == sorted(widths, reverse=True)  # one shape after another: Tune reuses its actors
+    chosen = set()
+    for nodes in (1, 2, 4):
+        name, queue, s = best_queue(mixed, nodes, 8)
+        spans = {n: simulate(order(mixed, 8, nodes * 8, 0.0), nodes, 8).makespan for n, order in ORDERS.items()}
+        assert s.makespan == pytest.approx(min(spans.values())) and spans[name] == pytest.approx(s.makespan)
+        chosen.add(name)
+    assert chosen == set(ORDERS)  # each order wins somewhere: neither is always better
 
 
 def test_cluster_model_gangs_and_groups():
@@ -148,7 +185,7 @@ def test_study_library_uses_fewer_gpu_hours_than_one_shape(tmp_path):
     new = plans(folder)
     assert sum(len(p.trials) for p in new) == 2358
     old = today(folder, 8, 8)
-    model = new_model(new, 8, 8)
+    _, model = new_model(new, 8, 8)
     assert model.gpu_hours <= old.gpu_hours
     assert model.ratio < 1.01 < old.ratio
     assert {t.shape.workers for p in new for t in p.trials} >= {1, 2, 8}
@@ -224,3 +261,27 @@ def test_a_bayes_sweep_in_a_queue_is_a_clear_error(tmp_path):
     (folder / "b.yaml").write_text("name: a\nbase: {scale: micro-xs}\n")
     with pytest.raises(ConfigError, match="duplicate sweep name 'a'"):
         load_sweeps([folder])
+
+
+def test_queue_gate_keeps_wide_trials_first_and_one_shape_waiting_for_reuse():
+    from ray.tune.search import Searcher
+
+    from orchestrator.queue_search import QueueGate, QueueSearcher
+
+    width = {"w1": 8.0, "w2": 8.0, **{f"n{i}": 1.0 for i in range(20)}}
+    gate = QueueGate(width, capacity=16, lookahead=2)
+    search = QueueSearcher(list(width), gate)
+    assert [search.suggest(str(i)) for i in range(2)] == [{"trial": "w1"}, {"trial": "w2"}]
+    assert search.suggest("x") is None  # two wide trials wait: no narrow one may pass them
+    gate.started("w1")
+    assert search.suggest("x") == {"trial": "n0"}  # under the look-ahead: backfill as before
+    assert search.suggest("x") is None  # mixed shapes waiting, look-ahead full
+    gate.started("w2")
+    handed = [search.suggest("x") for _ in range(20)]
+    # One shape waiting: up to as many as the cluster runs at once (16 one-GPU trials).
+    assert sum(h is not None for h in handed) == 15 and len(gate.waiting) == 16
+    for key in list(gate.waiting):
+        gate.started(key)
+    rest = [search.suggest("x") for _ in range(5)]
+    assert rest[:4] == [{"trial": f"n{i}"} for i in range(16, 20)] and rest[4] == Searcher.FINISHED
+    assert gate.most_waiting == 16
