@@ -97,6 +97,13 @@ class SimCluster:
             self.cluster.remove_node(node, allow_graceful=False)
         self.workers = self.workers[:-k]
 
+    def processes_started(self) -> int:
+        """Ray worker processes the run started (one log per core worker; drivers log apart):
+        each trial actor pays `import ray.tune` (about 3 CPU-s) and more before its first trial,
+        so on 2 cores this count, not the queue, bounds a phase of many short trials."""
+        logs = Path(self.cluster.head_node.get_session_dir_path()) / "logs"
+        return len(list(logs.glob("python-core-worker-*.log")))
+
     def shutdown(self) -> None:
         self.cluster.shutdown()
 
@@ -171,12 +178,14 @@ def main() -> None:
             _faults(driver, cluster, folder, runs, scale, expected)
         else:
             driver.wait()
+        started = cluster.processes_started()
     finally:
         cluster.shutdown()
     schedule, rows, done, retried = measured(ps, runs, scale, gpus)
     print(f"driver set-up before the first trial started: {first_trial_start(ps, runs) - float((runs / 'first_start').read_text()):.0f} s")
     label = "new (measured, with faults)" if args.faults else "new (measured on the cluster)"
     print(line(label, schedule))
+    print(f"Ray worker processes started: {started} for {trials} trials (each a trial actor, reused while a trial of its shape waits)")
     print(f"exactly once: {rows} rows for {trials} trials ({done} completed once each, {retried} started more than once)")
     print(f"makespan/bound: today {old.ratio:.3f}, new {schedule.ratio:.3f}{' with faults' if args.faults else ''} "
           f"(model {model.ratio:.3f}); planned GPU-hours today {old.gpu_hours:,.0f}, new {model.gpu_hours:,.0f}")
