@@ -1,5 +1,5 @@
-"""Files written atomically: a reader (a resumed trial, `status`, a query) sees the old file or
-the new one, never half of one. Everything the project writes goes through here, and what it
+"""Files and folders written atomically: a reader (a resumed trial, `status`, a query, a loader
+of an export or a token cache) sees the old file or the new one, never half of one. Everything the project writes goes through here, and what it
 reads back is checked here (`parquet_damage`): atomic writes cannot stop damage from outside
 (a full disk, a lost NFS client, a node killed mid-copy).
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,40 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def fresh_dir(path: Path) -> Path:
+    """`path` as a new empty folder (whatever a crash left there removed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def move_into_place(tmp: Path, path: Path, *, over_earlier: bool = False) -> None:
+    """The filled folder `tmp` becomes `path` in one rename. `path` may be an empty folder (a
+    placeholder: one with anything inside raises OSError, never lost); with `over_earlier`, an
+    earlier try at the same folder that never became current is removed whole first."""
+    if over_earlier:
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.is_dir():
+        path.rmdir()
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `path` to fill; on success it becomes `path`
+    (`move_into_place`), on error it is removed, so `path` is never seen half-written. The name
+    carries the PID, so two processes never share one (workers of one checkpoint, which must
+    share it, use `fresh_dir` and `move_into_place` around their barriers)."""
+    path = Path(path)
+    tmp = fresh_dir(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
+    try:
+        yield tmp
+        move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

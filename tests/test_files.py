@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moe_core.devices import gpu_peak_flops
-from moe_core.files import atomic_path, write_json, write_parquet, write_text
+from moe_core.files import atomic_dir, atomic_path, move_into_place, write_json, write_parquet, write_text
 from tests.deps import require
 
 
@@ -24,6 +24,32 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
     write_text(path, "new")
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_folder_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "export"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
+    out.mkdir()  # an empty placeholder is replaced
+    with atomic_dir(out) as tmp:
+        assert tmp.parent == tmp_path and list(tmp.iterdir()) == []
+        (tmp / "model.bin").write_bytes(b"ok")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and (out / "model.bin").read_bytes() == b"ok"
+
+
+def test_moving_into_place_never_deletes_a_folder_with_files_unless_told(tmp_path):
+    kept, new = tmp_path / "kept", tmp_path / "new"
+    kept.mkdir(), new.mkdir()
+    (kept / "user.txt").write_text("mine")
+    with pytest.raises(OSError):
+        move_into_place(new, kept)
+    assert (kept / "user.txt").read_text() == "mine" and new.is_dir()
+    (new / "step.pt").write_text("try 2")
+    move_into_place(new, kept, over_earlier=True)  # a checkpoint's earlier try at the same step
+    assert sorted(p.name for p in kept.iterdir()) == ["step.pt"] and not new.exists()
 
 
 def test_parquet_rows_union_columns_schema_and_nan_as_null(tmp_path):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from moe_core.data.cache import cache_root
 from moe_core.data.config import DataConfig
 from moe_core.data.corpora import documents, fingerprint
 from moe_core.data.tokenizers import ByteTokenizer, Tokenizer, bpe_tokenizer, gpt2_tokenizer
+from moe_core.files import atomic_dir
 
 FORMAT_VERSION = 1
 BATCH_DOCS = 256
@@ -60,9 +59,11 @@ Progress = Callable[[int], None]
 
 
 def _build(cfg: DataConfig, tok: Tokenizer, fp: str, final: Path, progress: Progress | None) -> None:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(final) as tmp:
+        _write_cache(cfg, tok, fp, tmp, progress)
+
+
+def _write_cache(cfg: DataConfig, tok: Tokenizer, fp: str, tmp: Path, progress: Progress | None) -> None:
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     files, counts, docs = {}, {}, {}
 
@@ -88,14 +89,12 @@ def _build(cfg: DataConfig, tok: Tokenizer, fp: str, final: Path, progress: Prog
     for f in files.values():
         f.close()
     if "train" not in counts or len(counts) < 2:
-        shutil.rmtree(tmp)
         raise ValueError(f"corpus gave splits {sorted(counts)}: it needs training text and a held-out set")
     manifest = {
         "format": FORMAT_VERSION, "fingerprint": fp, "source": cfg.source, "tokenizer": tok.name,
         "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "tokens": counts, "documents": docs,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    tmp.rename(final)
 
 
 def prepare_tokens(cfg: DataConfig, progress: Progress | None = None) -> TokenData:

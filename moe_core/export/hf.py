@@ -10,7 +10,6 @@ modeling file copied into the folder and loaded with `trust_remote_code=True`. T
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from transformers import GenerationConfig, LlamaConfig, MixtralConfig, Pretraine
 from moe_core.config import ModelConfig
 from moe_core.data.tokenizers import Tokenizer
 from moe_core.errors import ConfigError
+from moe_core.files import atomic_dir
 from moe_core.data.tokens import trial_tokenizer
 from moe_core.export.configuration_moe_sweep import MoESweepConfig
 from moe_core.export.tokenizer import hf_tokenizer
@@ -96,10 +96,7 @@ def export_hf(model: MoETransformer, model_cfg: ModelConfig, tokenizer: Tokenize
     special = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.eos_id}
     dtype = str(model.embed.weight.dtype).removeprefix("torch.")
     config = _hf_config(architecture, model, special, dtype)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # `out` is absent or empty (checked above)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         # The remote-code model has no KV cache: `generate` must feed it the whole sequence.
@@ -108,12 +105,6 @@ def export_hf(model: MoETransformer, model_cfg: ModelConfig, tokenizer: Tokenize
             for name in REMOTE_CODE:
                 shutil.copyfile(Path(__file__).with_name(name), tmp / name)
         hf_tokenizer(tokenizer, model_cfg.seq_len).save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportInfo(out_dir=out, architecture=architecture, reason=reason, remote_code=architecture == MOE_SWEEP)
 
 

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
-from moe_core.files import DamagedFileWarning, atomic_path, write_text
+from moe_core.files import DamagedFileWarning, atomic_path, fresh_dir, move_into_place, write_text
 from moe_core.model import MoETransformer, build_model
 from moe_core.train.distributed import DataParallel
 from moe_core.trial import TrialConfig, load_trial_config
@@ -59,16 +59,14 @@ def save_sharded_checkpoint(
     path = directory / f"step{step:08d}"
     tmp = directory / f".{path.name}.tmp"
     if dp.is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+        fresh_dir(tmp)
     dp.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
     with _one_process_quietly():
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
     if dp.is_main:  # dcp.save returns once every worker's shards and the metadata are written
         torch.save({"format": SHARDED_FORMAT, "step": step, **state}, tmp / TRAINER_FILE)
-        shutil.rmtree(path, ignore_errors=True)  # an earlier try at this step that never became `latest`
-        os.replace(tmp, path)
+        move_into_place(tmp, path, over_earlier=True)  # an earlier try at this step never became `latest`
         _publish(directory, path)
     dp.barrier()  # no worker goes on (or exits) before the checkpoint is in place
     return path
