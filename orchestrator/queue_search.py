@@ -12,7 +12,7 @@ out. Two limits pull against each other:
   killed, and each new one is a process to start (seconds of CPU importing ray.tune). With 64
   one-GPU trials running and 8 waiting, any burst of more than 8 ends killed actors that the
   next trials then started again: measured on the simulated study, the one-GPU phase ran at a
-  fifth of the cluster's GPUs, the machine busy starting processes.
+  fifth to half of the cluster's GPUs, the machine busy starting processes.
 
 So trials of one shape may wait up to as many as the cluster runs at once, while nothing wider
 waits: no wide trial is passed, and every finished actor has a trial to take it.
