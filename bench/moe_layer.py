@@ -26,7 +26,9 @@ on a GPU's CUDA cores).
     python bench/moe_layer.py --points 1/8:64,1/16:1024 --paths grouped
 
 Timing: wall clock on CPU; CUDA events around each step on CUDA (after a synchronisation, so a step
-starts on an idle GPU), warm-up first. A backend that raises prints its error on its line and the
+starts on an idle GPU), warm-up first. On CPU with the streamed path a `floor-c` line adds that
+path's own GEMM floor: its six GEMMs chunk by chunk on operands that stay in cache (at small expert
+widths, many small GEMMs are slower than the dense FFN's few large ones even there). A backend that raises prints its error on its line and the
 bench goes on. Goals: CPU fast path within 1.15x of dense; CUDA near the floor.
 """
 
@@ -45,8 +47,9 @@ import torch.nn.functional as F
 from moe_core import ExpertSetConfig, ModelConfig, MoEConfig, build_model
 from moe_core.config import RouterConfig
 from moe_core.layers import SwiGLU
-from moe_core.moe.grouped_gemm import grouped_matmul, grouped_mm_usable
+from moe_core.moe.grouped_gemm import grouped_matmul, grouped_mm_usable, mm_groups, wgrad_groups
 from moe_core.moe.router import Router
+from moe_core.moe.streamed import CHUNK_BYTES
 
 ROUTER_DTYPES = ("float32", "compute")
 POINTS = [("1", 8), ("1/4", 32), ("1/8", 64), ("1/8", 256), ("1/16", 1024)]
@@ -116,6 +119,29 @@ def floor_step(tokens: int, d_model: int, d_ff: int, g: str, n: int, device, dty
         torch.autograd.backward(outs, grads)
 
     step.impl = "torch._grouped_mm" if raw else "grouped_matmul (loop)"
+    return step
+
+
+def cached_floor_step(tokens: int, d_model: int, d_ff: int, g: str, n: int, chunk_bytes: int):
+    """CPU: the six GEMMs (forward, data and weight gradients of both projections) of the
+    `streamed` path, chunk after chunk of its size, each chunk on the same operands, so they stay
+    in cache as the streamed path's do: its GEMM floor. No autograd, gather, combine or SwiGLU."""
+    k, width = top_k(g), int(d_ff * Fraction(g))
+    per_expert = max(1, tokens * k // n)
+    experts = max(1, min(n, chunk_bytes // (per_expert * d_model * 4)))  # whole experts per chunk
+    rows = experts * per_expert
+    x, dy = torch.randn(rows, d_model), torch.randn(rows, d_model)
+    h, a = torch.randn(rows, 2 * width), torch.randn(rows, width)
+    w13, w2 = torch.randn(n, d_model, 2 * width), torch.randn(n, width, d_model)
+    offs = torch.arange(1, experts + 1, dtype=torch.int32) * per_expert
+
+    def step():  # as streamed.py calls them
+        for e0 in range(0, n - experts + 1, experts):
+            w13_c, w2_c = w13[e0:e0 + experts], w2[e0:e0 + experts]
+            mm_groups(x, w13_c, offs), mm_groups(a, w2_c, offs)
+            wgrad_groups(a, dy, offs), mm_groups(dy, w2_c.transpose(1, 2), offs)
+            wgrad_groups(x, h, offs), mm_groups(h, w13_c.transpose(1, 2), offs)
+
     return step
 
 
@@ -264,6 +290,8 @@ def main() -> None:
                 cases["floor"] = floor_step(args.tokens, args.d_model, args.d_ff, g, n, device, dtype)
             except Exception as exc:  # noqa: BLE001
                 errors["floor"] = _error(exc)
+            if not cuda and "streamed" in paths:
+                cases["floor-c"] = cached_floor_step(args.tokens, args.d_model, args.d_ff, g, n, CHUNK_BYTES)
         if not args.no_router:  # the float32 router, and the compute-dtype one where that differs
             for rd in ROUTER_DTYPES if dtype != torch.float32 else ("float32",):
                 cases[f"router {rd}"] = router_step(x, n, rd)
@@ -289,6 +317,10 @@ def main() -> None:
                       f"{_ratio(floor, times['dense']):.2f}x{impl}", flush=True)
             else:
                 print(f"{'floor':9s} {head}  ERROR {errors.get('floor', 'no timings')}", flush=True)
+        if "floor-c" in times:
+            t = times["floor-c"]
+            print(f"{'floor-c':9s} {head}  dense {t_dense:8.{prec}f} ms  floor-c {statistics.median(t):8.{prec}f} ms  "
+                  f"{_ratio(t, times['dense']):.2f}x  [the streamed path's GEMMs alone, in cache]", flush=True)
         for name in [c for c in cases if c.startswith("router")]:
             if name in errors:
                 print(f"{'router':9s} {head}  ERROR {errors[name]}", flush=True)
