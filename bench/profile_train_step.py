@@ -26,11 +26,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_throughput as tt  # noqa: E402  (bench/ is not a package)
+import train_throughput as tt
 
-from moe_core.data.config import DataConfig  # noqa: E402
-from moe_core.data.tokens import prepare_tokens  # noqa: E402
-from moe_core.train import loop  # noqa: E402
+from moe_core.data.config import DataConfig
+from moe_core.data.tokens import prepare_tokens
+from moe_core.train import loop
 
 # Autograd functions of the expert computation whose total time (children included) is printed.
 KERNEL_NAMES = ("StreamedExperts", "StreamedExpertsBackward")
