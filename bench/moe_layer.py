@@ -28,8 +28,8 @@ on a GPU's CUDA cores).
 Timing: wall clock on CPU; CUDA events around each step on CUDA (after a synchronisation, so a step
 starts on an idle GPU), warm-up first. On CPU with the streamed path a `floor-c` line adds that
 path's own GEMM floor: its six GEMMs chunk by chunk on operands that stay in cache (at small expert
-widths, many small GEMMs are slower than the dense FFN's few large ones even there). A backend that raises prints its error on its line and the
-bench goes on. Goals: CPU fast path within 1.15x of dense; CUDA near the floor.
+widths, many small GEMMs are slower than the dense FFN's few large ones even there). A backend
+that raises prints its error on its line and the bench goes on. Goals: CPU fast path within 1.15x of dense; CUDA near the floor.
 """
 
 from __future__ import annotations
@@ -135,12 +135,14 @@ def cached_floor_step(tokens: int, d_model: int, d_ff: int, g: str, n: int, chun
     w13, w2 = torch.randn(n, d_model, 2 * width), torch.randn(n, width, d_model)
     offs = torch.arange(1, experts + 1, dtype=torch.int32) * per_expert
 
-    def step():  # as streamed.py calls them
-        for e0 in range(0, n - experts + 1, experts):
-            w13_c, w2_c = w13[e0:e0 + experts], w2[e0:e0 + experts]
-            mm_groups(x, w13_c, offs), mm_groups(a, w2_c, offs)
-            wgrad_groups(a, dy, offs), mm_groups(dy, w2_c.transpose(1, 2), offs)
-            wgrad_groups(x, h, offs), mm_groups(h, w13_c.transpose(1, 2), offs)
+    def step():  # as streamed.py calls them; the last chunk may hold fewer experts
+        for e0 in range(0, n, experts):
+            e = min(experts, n - e0)
+            r, o = e * per_expert, offs[:e]
+            w13_c, w2_c = w13[e0:e0 + e], w2[e0:e0 + e]
+            mm_groups(x[:r], w13_c, o), mm_groups(a[:r], w2_c, o)
+            wgrad_groups(a[:r], dy[:r], o), mm_groups(dy[:r], w2_c.transpose(1, 2), o)
+            wgrad_groups(x[:r], h[:r], o), mm_groups(h[:r], w13_c.transpose(1, 2), o)
 
     return step
 
