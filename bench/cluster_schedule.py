@@ -12,7 +12,8 @@ mean GPU utilisation, for:
   Ray's soft packing), first come first served with backfill: list-scheduled on the plan's own estimates (it
   cannot run as one command: one sweep per command, and its rows would be another study's);
 - the new behaviour as the same model predicts it (the queue order `moe-sweep run` picks on this
-  cluster, the driver's time per start counted at SCALE; a look-ahead of 8; per-trial shapes, gangs);
+  cluster, the driver's time per start and a new trial actor's counted at SCALE; a look-ahead of 8;
+  per-trial shapes, gangs);
 - the new behaviour measured on the cluster (the real orchestrator, simulated trials).
 
 With `--faults` the measured run loses 2 worker nodes part-way (added back later) and its driver
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from orchestrator.cluster_model import DRIVER_SECONDS_PER_START, Job, Schedule, best_queue, simulate  # noqa: E402
+from orchestrator.cluster_model import Job, Schedule, best_queue, simulate, start_gaps  # noqa: E402
 from orchestrator.planner import Plan, SweepFile, plan_sweep, sweep_files  # noqa: E402
 
 TODAY_WORKERS = 4  # every slicing_dicing YAML's `resources.workers` before per-trial shapes
@@ -63,9 +64,9 @@ def today(folder: str, nodes: int, per_node: int) -> Schedule:
 
 def new_model(ps: list[Plan], nodes: int, per_node: int, scale: float = 1.0) -> tuple[str, Schedule]:
     """The orchestrator's queue on this cluster as the model predicts it, the driver's time per
-    start counted at `scale` (the order is the one `moe-sweep run` would choose)."""
+    start and a new actor's counted at `scale` (the order is the one `moe-sweep run` would choose)."""
     jobs = [Job(t.est_hours, int(t.shape.gpus)) for p in ps for t in p.trials]
-    order, _, s = best_queue(jobs, nodes, per_node, DRIVER_SECONDS_PER_START / 3600 / scale)
+    order, _, s = best_queue(jobs, nodes, per_node, *start_gaps(scale))
     return order, s
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_core.errors import ConfigError
-from orchestrator.cluster_model import DRIVER_SECONDS_PER_START, Job, best_queue
+from orchestrator.cluster_model import Job, best_queue, start_gaps
 from orchestrator.planner import Plan
 
 
@@ -42,7 +42,7 @@ def queue_schedule(plans: list[Plan], gpus: int, per_node: int) -> dict[str, Any
     if widest.shape.gpus > gpus:
         raise ConfigError(f"--gpus {gpus}: trial {widest.trial_id} ({widest.sweep}) is planned on {widest.shape.gpus:g} GPUs")
     jobs = [Job(t.est_hours, math.ceil(t.shape.gpus), True) for t in trials]
-    order, _, s = best_queue(jobs, gpus // per_node, per_node, DRIVER_SECONDS_PER_START / 3600)
+    order, _, s = best_queue(jobs, gpus // per_node, per_node, *start_gaps())
     return {"gpus": gpus, "gpus_per_node": per_node, "trials": len(jobs), "order": order, "wall_hours": s.makespan,
             "gpu_hours": s.gpu_hours,
             "bound_hours": s.bound, "utilisation": s.utilisation, "longest_hours": s.longest}

@@ -42,7 +42,7 @@ from orchestrator.ray_session import auth_token_path, cleanup_orphans, start_ray
 from orchestrator.repair import repair
 from orchestrator.results import (FAILED, RUNNING, STOPPED, TERMINAL, DamagedFile, SweepPaths, read_rows, read_rows_of, trial_row,
                                   trial_states, write_row)
-from orchestrator.cluster_model import DRIVER_SECONDS_PER_START, Job, best_queue
+from orchestrator.cluster_model import Job, best_queue, start_gaps
 from orchestrator.cluster_model import queue_key as queue_key_of
 from orchestrator.queue_search import QueueGate, QueueSearcher
 from orchestrator.shapes import TrialShape
@@ -386,8 +386,8 @@ def queue_order(
     whole-node trials start while the cluster is empty and free whole nodes for each other, and
     the last trials to start are the shortest, so the tail is short. On a GPU cluster, whichever
     of that and widest first the cluster model finishes sooner on its `cluster_gpus`
-    (`cluster_model.best_queue`), the driver's time per start counted at the run's speed
-    (`scale`: a simulation's seconds per planned second)."""
+    (`cluster_model.best_queue`), the driver's time per start and a new trial actor's counted at
+    the run's speed (`scale`: a simulation's seconds per planned second)."""
     ordered = sorted(trials, key=lambda st: (*queue_key_of(st[1].est_hours, st[1].shape.gpus, _node_gpus(st[1])),
                                              st[0], st[1].trial_id))
     node = max((_node_gpus(t) for _, t in trials), default=0.0)
@@ -395,7 +395,7 @@ def queue_order(
         return ordered, "longest first"
     nodes = int(cluster_gpus // node)
     jobs = [Job(t.est_hours, math.ceil(t.shape.gpus), tag=(name, t)) for name, t in ordered]
-    name, queue, s = best_queue(jobs, nodes, int(node), DRIVER_SECONDS_PER_START / 3600 / (scale or 1.0))
+    name, queue, s = best_queue(jobs, nodes, int(node), *start_gaps(scale))
     return [j.tag for j in queue], (f"{name} (cluster model: {s.makespan:,.1f} h on {nodes * int(node)} GPUs, "
                                     f"bound {s.bound:,.1f} h)")
 

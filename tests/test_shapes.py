@@ -159,6 +159,23 @@ def test_best_queue_is_the_order_the_model_finishes_first():
     assert chosen == set(ORDERS)  # each order wins somewhere: neither is always better
 
 
+def test_cluster_model_reuses_an_actor_only_for_a_waiting_trial_of_its_width():
+    # One GPU, three trials one after another: one actor, its start (0.5 h) paid once.
+    s = simulate([Job(1.0, 1)] * 3, nodes=1, gpus_per_node=1, process_gap=0.5)
+    assert s.actors == 1 and s.makespan == pytest.approx(3.5)
+    # 2 GPUs: the 2-GPU actor stays idle while the 1-GPU trial runs, because a 2-GPU trial waits;
+    # the 1-GPU trial needs an actor of its own.
+    s = simulate([Job(1.0, 2), Job(1.0, 1), Job(1.0, 2)], nodes=1, gpus_per_node=2, process_gap=0.5)
+    assert s.actors == 2 and s.makespan == pytest.approx(4.0)
+    # No 2-GPU trial in the look-ahead when the first ends: its actor is dropped, and the last
+    # trial starts a new one (4 actors: 2 GPUs, 1, 1, 2; the third 1-GPU trial reuses one).
+    s = simulate([Job(1.0, 2), Job(1.0, 1), Job(1.0, 1), Job(1.0, 1), Job(1.0, 2)], nodes=1, gpus_per_node=2,
+                 window=1, process_gap=0.5)
+    assert s.actors == 4
+    # Without a start cost the schedule is the plain list schedule.
+    assert simulate([Job(1.0, 1)] * 3, nodes=1, gpus_per_node=1).makespan == pytest.approx(3.0)
+
+
 def test_cluster_model_gangs_and_groups():
     # Two nodes of 2: a 2-GPU gang cannot use one free GPU on each node.
     jobs = [Job(1.0, 1), Job(2.0, 1), Job(1.0, 2)]
