@@ -186,7 +186,8 @@ def main() -> None:
     print(f"driver set-up before the first trial started: {first_trial_start(ps, runs) - float((runs / 'first_start').read_text()):.0f} s")
     label = "new (measured, with faults)" if args.faults else "new (measured on the cluster)"
     print(line(label, schedule))
-    print(f"Ray worker processes started: {started} for {trials} trials (each a trial actor, reused while a trial of its shape waits)")
+    print(f"Ray worker processes started: {started} for {trials} trials (each a trial actor, reused while a trial of its shape "
+          f"waits; the model: {model.actors})")
     print(f"exactly once: {rows} rows for {trials} trials ({done} completed once each, {retried} started more than once)")
     print(f"makespan/bound: today {old.ratio:.3f}, new {schedule.ratio:.3f}{' with faults' if args.faults else ''} "
           f"(model {model.ratio:.3f}); planned GPU-hours today {old.gpu_hours:,.0f}, new {model.gpu_hours:,.0f}")
