@@ -62,7 +62,7 @@ def today(folder: str, nodes: int, per_node: int) -> Schedule:
     return simulate(jobs, nodes, per_node, window=None)  # Tune's default: hundreds of requests pending
 
 
-def new_model(ps: list[Plan], nodes: int, per_node: int, scale: float = 1.0) -> tuple[str, Schedule]:
+def new_model(ps: list[Plan], nodes: int, per_node: int, scale: float | None = None) -> tuple[str, Schedule]:
     """The orchestrator's queue on this cluster as the model predicts it, the driver's time per
     start and a new actor's counted at `scale` (the order is the one `moe-sweep run` would choose)."""
     jobs = [Job(t.est_hours, int(t.shape.gpus)) for p in ps for t in p.trials]

@@ -9,20 +9,22 @@ Tune's default hundreds; None: no limit). A gang trial (its
 `placement` STRICT_PACK) needs its GPUs on one node, a larger one whole free nodes; a trial
 without gang placement takes free GPUs anywhere (Ray's default soft packing). The driver starts
 one trial at a time (`start_gap` hours each): a trial holds its GPUs from when it is placed
-and runs from when the driver has started it. A trial runs in a trial actor (a process): the
-actor of a trial that just ended takes the next trial of its width if one is waiting (Tune's
-actor reuse; otherwise Tune kills it), and every other trial first waits for a new one to start
-(`process_gap` hours each, one at a time: a simulation's whole cluster shares one machine's cores).
+and runs once the driver has started it and its trial actor (a process) is up. The actor of a
+trial that just ended takes the next trial of its width if one is waiting (Tune's actor reuse;
+otherwise Tune kills it), and every other trial first waits for a new one to start
+(`process_gap` hours each, one at a time: a simulation's whole cluster shares one machine's
+cores). Simplified: an actor is known by its trial's width (Tune's key is the whole resource
+request), and an idle one holds no GPUs.
 
 The orchestrator's queue is the faster, by this model on the cluster at hand, of two orders
 (`best_queue`): longest first, and widest first (one trial shape after another, so Tune reuses
-its actors instead of starting new ones at every change of shape). Both pull short trials forward when one start per `start_gap` would make
-the driver, not the GPUs, set the tail: never at real speed (a start is ~0.2 s, a trial minutes
-to days), but in a simulation that compresses a day into seconds (`start_gaps`). Measured against
-the simulated study on 8 x 8 fake GPUs (bench/cluster_schedule.py): with actors counted the model
-predicts 1.087x the bound and 107 actors for widest first, the run measured 1.140x and 112 (the
-rest: the driver and the starting actors share 2 cores). What the model does not know is how
-Tune's actor cache behaves while trials of several shapes wait (it keeps fewer actors than here).
+its actors instead of starting new ones at every change of shape). Both pull short trials
+forward when one start per `start_gap` would make the driver, not the GPUs, set the tail: never
+at real speed (a start is ~0.2 s, a trial minutes to days), but in a simulation that compresses a day into seconds (`start_gaps`). Against the
+simulated study on 8 x 8 fake GPUs (bench/cluster_schedule.py): with actors counted the model
+predicts 1.087x the bound and 107 actors for widest first; the run measured 1.140x and 112
+(the driver and the starting actors share 2 cores). What the model does not know is how Tune's
+actor cache behaves while trials of several shapes wait (it keeps fewer actors than here).
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def queue_key(hours: float, gpus: float, node_gpus: float) -> tuple:
 def longest_first(jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start_gap: float = 0.0,
                   process_gap: float = 0.0) -> list[Job]:
     """Whole-node trials first, then the rest; longest first within each (`queue_key`), short
-    ones pulled forward as far as `start_gap` needs (`_pace`)."""
+    ones pulled forward as far as `start_gap` needs (`_pace`). `process_gap`: unused (the
+    orders share one signature)."""
     ordered = sorted(jobs, key=lambda j: queue_key(j.hours, j.gpus, node_gpus))
     wide = [j for j in ordered if j.gpus >= node_gpus]
     return wide + _pace(ordered[len(wide):], gpus, start_gap)

@@ -73,9 +73,13 @@ def test_awkward_routings_match_reference(path, monkeypatch):
     bank = ExpertBank(5, 16, 8)
     if path != "gathered":
         # Garbage in fresh allocations must never reach a gradient: poison torch.empty_like.
-        real_full_like = torch.full_like
+        real_full_like, real_new_full = torch.full_like, torch.Tensor.new_full
         monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_full_like(
             t, float("nan") if (kw.get("dtype") or t.dtype).is_floating_point else -1, **kw))
+        # The streamed path's reused row buffers come from `new_empty`.
+        monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *size, **kw: real_new_full(
+            t, size[0] if len(size) == 1 and not isinstance(size[0], int) else size,
+            float("nan") if (kw.get("dtype") or t.dtype).is_floating_point else -1, **kw))
     torch.nn.init.normal_(bank.w13_EDF2)
     torch.nn.init.normal_(bank.w2_EFD)
     x = torch.randn(9, 16, requires_grad=True)
@@ -135,3 +139,23 @@ def test_grouped_mm_equals_the_per_group_loop():
     assert grouped_gemm.grouped_mm_usable(a, b) == hasattr(torch, "_grouped_mm")
     loop = torch.cat([a[s:s + c] @ b[e] for e, (s, c) in enumerate(zip([0, 5, 5, 17], counts))])
     torch.testing.assert_close(fast, loop)
+
+
+def test_streamed_swiglu_backward_holds_in_bfloat16_for_large_preactivations():
+    """silu' must stay 1 for large z in bfloat16 (a cancelling form of it gave 0 or 2)."""
+    from moe_core.moe.streamed import _swiglu_backward
+
+    z = torch.tensor([-300.0, -20.0, -1.0, 0.0, 0.5, 3.0, 7.0, 40.0, 258.0, 260.0, 1000.0])
+    n = z.numel()
+    u, g, d_act = torch.linspace(-2, 2, n), torch.linspace(0.1, 1.0, n), torch.linspace(1, -1, n)
+    ref = [t.double().requires_grad_() for t in (z, u, g)]
+    (torch.nn.functional.silu(ref[0]) * ref[1] * ref[2]).backward(d_act.double())
+    h = torch.stack([z, u], dim=1).bfloat16()
+    dgates = torch.empty(n, dtype=torch.bfloat16)
+    dh, act_g = _swiglu_backward(h, d_act.bfloat16()[:, None].clone(), g.bfloat16()[:, None], dgates)
+    close = {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(dh[:, 0].double(), ref[0].grad, **close)
+    torch.testing.assert_close(dh[:, 1].double(), ref[1].grad, **close)
+    scale = ref[2].grad.abs().clamp(min=1)  # d g grows with z: compare it relative to its size
+    torch.testing.assert_close(dgates.double() / scale, ref[2].grad / scale, **close)
+    torch.testing.assert_close(act_g[:, 0].double(), torch.nn.functional.silu(z.double()) * u * g, **close)

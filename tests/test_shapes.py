@@ -172,6 +172,10 @@ def test_cluster_model_reuses_an_actor_only_for_a_waiting_trial_of_its_width():
     s = simulate([Job(1.0, 2), Job(1.0, 1), Job(1.0, 1), Job(1.0, 1), Job(1.0, 2)], nodes=1, gpus_per_node=2,
                  window=1, process_gap=0.5)
     assert s.actors == 4
+    # The driver's part does not wait for an actor: the third trial reuses the first's actor and
+    # starts at once (the driver waiting on the second trial's actor would end it at 4).
+    s = simulate([Job(1.0, 1)] * 3, nodes=1, gpus_per_node=2, start_gap=1.0, process_gap=1.0)
+    assert s.actors == 2 and s.makespan == pytest.approx(3.0)
     # Without a start cost the schedule is the plain list schedule.
     assert simulate([Job(1.0, 1)] * 3, nodes=1, gpus_per_node=1).makespan == pytest.approx(3.0)
 

@@ -103,17 +103,22 @@ def _swiglu_backward(h_R2F: torch.Tensor, d_act_RF: torch.Tensor, g_R1: torch.Te
     """For a = silu(z) * u * g: writes d g into `dgates_R` and returns (d h, act * g), with
     `d_act_RF` overwritten. The formulas of `swiglu.py` in fewer passes over the chunk, writing
     into the two halves of d h directly (`out=` into strided slices: eager only, as this
-    backward is): silu'(z) = sigma(z) * (1 + z * (1 - sigma(z))) = silu + sigma * (1 - silu)."""
+    backward is). silu'(z) = sigma(z) * (1 + z * (1 - sigma(z))) as written, not as
+    silu + sigma * (1 - silu): that one cancels two numbers of size z, which in bfloat16 is
+    0 or 2 instead of 1 for large z."""
     width = d_act_RF.shape[-1]
     gate, up = h_R2F[:, :width], h_R2F[:, width:]
     sig = torch.sigmoid(gate)
     silu = gate * sig
     act = silu * up
-    torch.linalg.vecdot(d_act_RF, act, out=dgates_R)
+    if dgates_R.dtype == act.dtype:
+        torch.linalg.vecdot(d_act_RF, act, out=dgates_R)
+    else:
+        dgates_R.copy_(torch.linalg.vecdot(d_act_RF, act))
     d_act_g = d_act_RF.mul_(g_R1)
     dh_R2F = torch.empty_like(h_R2F)
     torch.mul(d_act_g, silu, out=dh_R2F[:, width:])
-    silu_grad = torch.rsub(silu, 1).mul_(sig).add_(silu)
+    silu_grad = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig)
     torch.mul(silu_grad.mul_(up), d_act_g, out=dh_R2F[:, :width])
     return dh_R2F, act.mul_(g_R1)
 
