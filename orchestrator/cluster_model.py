@@ -20,11 +20,13 @@ The orchestrator's queue is the faster, by this model on the cluster at hand, of
 (`best_queue`): longest first, and widest first (one trial shape after another, so Tune reuses
 its actors instead of starting new ones at every change of shape). Both pull short trials
 forward when one start per `start_gap` would make the driver, not the GPUs, set the tail: never
-at real speed (a start is ~0.2 s, a trial minutes to days), but in a simulation that compresses a day into seconds (`start_gaps`). Against the
-simulated study on 8 x 8 fake GPUs (bench/cluster_schedule.py): with actors counted the model
-predicts 1.087x the bound and 107 actors for widest first; the run measured 1.140x and 112
-(the driver and the starting actors share 2 cores). What the model does not know is how Tune's
-actor cache behaves while trials of several shapes wait (it keeps fewer actors than here).
+at real speed (a start is ~0.2 s, a trial minutes to days), but in a simulation that compresses
+a day into seconds (`start_gaps`). Against the simulated study on 8 x 8 fake GPUs
+(bench/cluster_schedule.py): with actors counted the model predicts 1.087x the bound and 107
+actors for widest first; runs measured 1.140x with 112 processes and 1.257x with 195 (the
+driver and the starting actors share 2 cores). What the model does not know is how Tune's
+actor cache behaves under bursts of ends or while trials of several shapes wait (it keeps
+fewer actors than here).
 """
 
 from __future__ import annotations
@@ -85,18 +87,15 @@ def queue_key(hours: float, gpus: float, node_gpus: float) -> tuple:
     return (gpus < node_gpus, -hours, -gpus)
 
 
-def longest_first(jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start_gap: float = 0.0,
-                  process_gap: float = 0.0) -> list[Job]:
+def longest_first(jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start_gap: float = 0.0) -> list[Job]:
     """Whole-node trials first, then the rest; longest first within each (`queue_key`), short
-    ones pulled forward as far as `start_gap` needs (`_pace`). `process_gap`: unused (the
-    orders share one signature)."""
+    ones pulled forward as far as `start_gap` needs (`_pace`)."""
     ordered = sorted(jobs, key=lambda j: queue_key(j.hours, j.gpus, node_gpus))
     wide = [j for j in ordered if j.gpus >= node_gpus]
     return wide + _pace(ordered[len(wide):], gpus, start_gap)
 
 
-def widest_first(jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start_gap: float = 0.0,
-                 process_gap: float = 0.0) -> list[Job]:
+def widest_first(jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start_gap: float = 0.0) -> list[Job]:
     """One width after another, widest first; within a width longest first, short ones pulled
     forward as far as `start_gap` needs (`_pace`). Few changes of shape: Tune reuses a finished
     trial's actor only for a trial of the same shape, and every new actor is a process to start.
@@ -146,7 +145,7 @@ def best_queue(
     first), with its schedule."""
     best: tuple[str, list[Job], Schedule] | None = None
     for name, order in ORDERS.items():
-        queue = order(jobs, gpus_per_node, nodes * gpus_per_node, start_gap, process_gap)
+        queue = order(jobs, gpus_per_node, nodes * gpus_per_node, start_gap)
         s = simulate(queue, nodes, gpus_per_node, start_gap=start_gap, process_gap=process_gap)
         if best is None or s.makespan < best[2].makespan - 1e-9:
             best = (name, queue, s)
