@@ -8,7 +8,8 @@ inputs, the per-pair outputs, and their gradients) costs a full trip to main mem
 which at k = 8 took as long as the GEMMs themselves. Here the pairs, already sorted by expert, are
 cut into chunks of whole experts of about `CHUNK_BYTES` of input rows: each chunk gathers its
 rows, runs both projections, and adds its gated outputs into the result while they are still in
-cache. Nothing of size (P, D) is ever allocated; only the (P, 2F) hidden activation is saved for
+cache. Nothing of size (P, D) is allocated (the row buffers are one chunk's, all P rows only when
+one expert takes every pair); only the (P, 2F) hidden activation is saved for
 backward, chunk by chunk (the same as a dense FFN saves), and the gathers are recomputed there.
 
 The combine is `index_add_`, which on CPU adds rows in index order (no atomics), so results are

@@ -1,5 +1,6 @@
 """SwiGLU of the routed experts on pre-activations h = x @ [w1 | w3], with the per-pair gate,
-and its backward: one copy, shared by every expert backend that needs it.
+and its backward: one copy, shared by every expert backend that needs it (the CPU `streamed`
+path's eager backward writes the same formulas into place: `streamed._swiglu_backward`).
 
 Shape legend: R rows (pairs), F expert width; h_R2F holds [gate | up] side by side.
 """
