@@ -98,12 +98,13 @@ class SimCluster:
             self.cluster.remove_node(node, allow_graceful=False)
         self.workers = self.workers[:-k]
 
-    def processes_started(self) -> int:
-        """Ray worker processes the run started (one log per core worker; drivers log apart):
-        each trial actor pays `import ray.tune` (about 3 CPU-s) and more before its first trial,
-        so on 2 cores this count, not the queue, bounds a phase of many short trials."""
+    def process_starts(self) -> list[float]:
+        """When each Ray worker process of the run started (one log per core worker, its first
+        line stamped; drivers log apart): each trial actor costs ~1.6 CPU-s (a process, `import
+        ray.tune`, the trainable's set-up) before its first trial, so on 2 cores their count and
+        timing, not the queue, bound a phase of many short trials."""
         logs = Path(self.cluster.head_node.get_session_dir_path()) / "logs"
-        return len(list(logs.glob("python-core-worker-*.log")))
+        return [t for t in (_first_stamp(f) for f in logs.glob("python-core-worker-*.log")) if t is not None]
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
@@ -114,6 +115,36 @@ def run_driver(folder: str, address: str, runs: Path, scale: float) -> subproces
            "--runs-dir", str(runs), "--mlflow-uri", f"sqlite:///{runs / 'mlflow.db'}", "--no-dashboard"]
     log = open(runs / f"driver-{time.time():.0f}.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _first_stamp(log: Path) -> float | None:
+    """The time on a Ray log's first line (`[2026-12-07 16:03:12,123 I ...`), local time."""
+    from datetime import datetime
+
+    try:
+        head = log.open().readline()
+        return datetime.strptime(head[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except (OSError, ValueError):
+        return None
+
+
+def timeline(ps: list[Plan], runs: Path, gpus: int, starts: list[float], bins: int = 10) -> str:
+    """GPU utilisation and new worker processes in each tenth of the run, from the rows'
+    start and end times: where a run loses time (a change of trial shape shows as a dip
+    with many processes started)."""
+    from orchestrator.results import SweepPaths, read_rows
+
+    spans = [(r["started_at"], r["updated_at"], r.get("gpus") or 0) for p in ps
+             for r in read_rows(SweepPaths(runs, p.spec.name).trials) if r.get("started_at")]
+    t0, t1 = min(a for a, _, _ in spans), max(b for _, b, _ in spans)
+    width = (t1 - t0) / bins
+    cells = []
+    for k in range(bins):
+        a0, a1 = t0 + k * width, t0 + (k + 1) * width
+        busy = sum(g * max(0.0, min(b, a1) - max(a, a0)) for a, b, g in spans)
+        born = sum(1 for t in starts if a0 <= t < a1 or (k == bins - 1 and t >= a1))
+        cells.append(f"{busy / (gpus * width):.2f}/{born}")
+    return "by tenth of the run (GPU utilisation/new processes): " + " ".join(cells)
 
 
 def measured(ps: list[Plan], runs: Path, scale: float, gpus: int) -> tuple[Schedule, int, int, int]:
@@ -179,14 +210,15 @@ def main() -> None:
             _faults(driver, cluster, folder, runs, scale, expected)
         else:
             driver.wait()
-        started = cluster.processes_started()
+        starts = cluster.process_starts()
     finally:
         cluster.shutdown()
     schedule, rows, done, retried = measured(ps, runs, scale, gpus)
     print(f"driver set-up before the first trial started: {first_trial_start(ps, runs) - float((runs / 'first_start').read_text()):.0f} s")
     label = "new (measured, with faults)" if args.faults else "new (measured on the cluster)"
     print(line(label, schedule))
-    print(f"Ray worker processes started: {started} for {trials} trials (each a trial actor, reused while a trial of its shape "
+    print(timeline(ps, runs, gpus, starts))
+    print(f"Ray worker processes started: {len(starts)} for {trials} trials (each a trial actor, reused while a trial of its shape "
           f"waits; the model: {model.actors})")
     print(f"exactly once: {rows} rows for {trials} trials ({done} completed once each, {retried} started more than once)")
     print(f"makespan/bound: today {old.ratio:.3f}, new {schedule.ratio:.3f}{' with faults' if args.faults else ''} "

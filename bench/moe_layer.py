@@ -75,10 +75,10 @@ def moe_layer(d_model: int, d_ff: int, g: str, n: int, backend: str, device, dty
     with torch.device(device):
         model = build_model(cfg)
     model = model.to(dtype=dtype)
-    ffn, router, pool = model.blocks[0].ffn, model.routers[0], model.pools[0]
+    ffn = model.blocks[0].ffn
 
     def layer(x):
-        return ffn(x, router, pool)[0]
+        return ffn(x)  # outside a model forward: its routing record is not kept
 
     layer.params = list(model.parameters())
     return layer

@@ -6,11 +6,12 @@ MoE layouts (see `MoEConfig`):
 - layerwise: MoE layer i has pool i (vanilla MoE);
 - unipool: MoE layer i draws from pool i // G, G = pool_group_size (all layers by default);
 and, for either, MoE layer i is scored by router i // B (PathMoE; B = 1 is independent routing).
-Pools and routers live in `model.pools` / `model.routers` and are handed to each layer, so a
-shared one has a single storage and sums the gradients of every layer that uses it. A pool's
-weights are cast to the compute dtype once per forward, on its first layer, and handed to each of
-its layers as that one copy (`PoolWeights`): under autocast a UniPool pool used by L layers then
-keeps one copy for backward, not L.
+Pools and routers live in `model.pools` / `model.routers`, so a shared one has a single storage
+and sums the gradients of every layer that uses it; `model.parts` (`moe/parts.py`) hands each
+layer its router and its pool's weights, cast once per forward, and collects the layers' routing
+records, from which the forward adds the balance terms.
+
+A block calls its FFN the same way whether it is dense or MoE: `x + ffn(norm(x))`.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from moe_core.config import ModelConfig
 from moe_core.errors import ConfigError
 from moe_core.layers import Attention, Rotary, SwiGLU
-from moe_core.moe.balance import load_fraction, switch_loss
-from moe_core.moe.experts import BankCast, compute_dtype
-from moe_core.moe.layer import ExpertPool, LayerRouting, MoEFFN, PoolWeights, ProbeSpec, updates_state
-from moe_core.moe.router import Router
+from moe_core.moe.layer import MoEFFN, ProbeSpec, updates_state
+from moe_core.moe.parts import ExpertPool, LayerRouting, MoEParts
+from moe_core.moe.router import Router, load_fraction, switch_loss
 from moe_core.moe.stats import summarize_routing
 
 
@@ -52,10 +52,10 @@ class Block(nn.Module):
         self.ffn = ffn
         self.checkpointed = False  # recompute the activations in the backward (`set_activation_checkpointing`)
 
-    def forward(self, x_BSD, router: Router | None = None, pool: ExpertPool | PoolWeights | None = None):
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         if self.checkpointed and torch.is_grad_enabled():
-            return checkpoint(self._forward, x_BSD, router, pool, use_reentrant=False, context_fn=self._rewind_counters)
-        return self._forward(x_BSD, router, pool)
+            return checkpoint(self._forward, x_BSD, use_reentrant=False, context_fn=self._rewind_counters)
+        return self._forward(x_BSD)
 
     def _rewind_counters(self) -> tuple[AbstractContextManager, AbstractContextManager]:
         """Checkpoint contexts for the forward and its recomputation. A MoE layer counts its loads
@@ -83,13 +83,9 @@ class Block(nn.Module):
 
         return remember(), rewind()
 
-    def _forward(self, x_BSD, router: Router | None, pool: ExpertPool | PoolWeights | None):
+    def _forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
-        h_BSD = self.ffn_norm(x_BSD)
-        if isinstance(self.ffn, MoEFFN):
-            y_BSD, routing = self.ffn(h_BSD, router, pool)
-            return x_BSD + y_BSD, routing
-        return x_BSD + self.ffn(h_BSD), None
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
 class MoETransformer(nn.Module):
@@ -101,24 +97,27 @@ class MoETransformer(nn.Module):
         rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
         moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         group = (moe.pool_group_size or len(moe_index)) if moe.layout == "unipool" else 1
-        blocks = []
-        for layer in range(cfg.n_layers):
-            if layer in moe_index:
-                i = moe_index[layer]
-                ffn = MoEFFN(cfg, layer, pool=i // group, router=i // moe.router.block_size)
-            else:
-                ffn = SwiGLU(cfg.d_model, cfg.d_ff)
-            blocks.append(Block(cfg, rotary, ffn))
-        self.blocks = nn.ModuleList(blocks)
-        self.pools = nn.ModuleList(ExpertPool(cfg) for _ in range(cfg.num_pools))
-        self.routers = nn.ModuleList(
+        pools = nn.ModuleList(ExpertPool(cfg) for _ in range(cfg.num_pools))
+        routers = nn.ModuleList(
             Router(cfg.d_model, tuple((s.num_experts, s.top_k) for s in moe.experts), moe.router)
             for _ in range(cfg.num_routers)
         )
+        self.parts = MoEParts(pools, routers, {layer: i // group for layer, i in moe_index.items()})
+        blocks, moe_layers = [], []
+        for layer in range(cfg.n_layers):
+            if layer in moe_index:
+                i = moe_index[layer]
+                ffn = MoEFFN(cfg, layer, pool=i // group, router=i // moe.router.block_size, parts=self.parts)
+                moe_layers.append(ffn)
+            else:
+                ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+            blocks.append(Block(cfg, rotary, ffn))
+        # Registered in this order (blocks, pools, routers): `reset_parameters` draws in it.
+        self.blocks = nn.ModuleList(blocks)
+        self.pools, self.routers = pools, routers
+        self.moe_layers: tuple[MoEFFN, ...] = tuple(moe_layers)  # a tuple: not registered twice
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.last_routing: list[LayerRouting] = []  # detached records of the latest forward
-        self._pool_last_layer = {ffn.pool: ffn.layer for ffn in self.moe_layers}  # when a cast is no longer needed
         self.reset_parameters()
 
     @torch.no_grad()
@@ -130,36 +129,24 @@ class MoETransformer(nn.Module):
             else:
                 p.fill_(1.0)
 
-    @property
-    def moe_layers(self) -> list[MoEFFN]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFFN)]
-
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
         x_BSD = self.embed(idx_BS)
-        dtype = compute_dtype(x_BSD)
-        casts: dict[int, list[BankCast]] = {}  # pool id -> its banks cast for this forward
-        records = []
+        self.parts.begin()
         for block in self.blocks:
-            if isinstance(block.ffn, MoEFFN):
-                pid = block.ffn.pool
-                if pid not in casts:
-                    casts[pid] = self.pools[pid].cast(dtype)
-                uses = PoolWeights(tuple(c.use() for c in casts[pid]))
-                x_BSD, routing = block(x_BSD, self.routers[block.ffn.router], uses)
-                del uses  # the last reference to the cast besides `casts` (and autograd's)
-                records.append(routing)
-                if block.ffn.layer == self._pool_last_layer[pid]:
-                    del casts[pid]  # without autograd (evaluation) the copy is freed here
-            else:
-                x_BSD, _ = block(x_BSD)
+            x_BSD = block(x_BSD)
+        records = self.parts.end()
         x_BSD = self.norm(x_BSD)
         logits = F.linear(x_BSD, self.embed.weight) if self.head is None else self.head(x_BSD)
-        self.last_routing = [r.detached() for r in records]
         out = ModelOutput(logits=logits, balance=self._balance_terms(records))
         if targets_BS is not None:
             out.ce = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
             out.loss = out.ce + sum(out.balance.values(), torch.zeros((), device=logits.device))
         return out
+
+    @property
+    def last_routing(self) -> list[LayerRouting]:
+        """The latest forward's routing records, detached (`MoEParts.end`)."""
+        return self.parts.last_routing
 
     def _balance_terms(self, records: list[LayerRouting]) -> dict[str, torch.Tensor]:
         """Weighted balance losses, each averaged over layers so weights mean the same at any depth."""

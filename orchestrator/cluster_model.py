@@ -101,7 +101,10 @@ def widest_first(jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start
     trial's actor only for a trial of the same shape, and every new actor is a process to start.
     (A ramp between widths, so that a simulation's new actors start while the old width still
     runs, looked better in this model but churned actors on the cluster: with mixed shapes
-    waiting, at most the look-ahead of them, Tune killed most finished actors.)"""
+    waiting, at most the look-ahead of them, Tune killed most finished actors. So did every width
+    but the last going shortest first, so that its trials end spread out (model 1.064x, measured
+    1.216x with 394 processes): short trials ending while new actors start make Tune hand its
+    cached actors to trials whose own new actor is already starting, which it then kills.)"""
     out: list[Job] = []
     for width in sorted({j.gpus for j in jobs}, reverse=True):
         out += _pace(sorted((j for j in jobs if j.gpus == width), key=lambda j: -j.hours), gpus, start_gap)

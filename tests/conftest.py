@@ -24,6 +24,17 @@ def tiny(moe: dict[str, Any] | None = None, **model: Any) -> ModelConfig:
     return ModelConfig(**{**TINY, **model}, moe=MoEConfig(**(moe or {})))
 
 
+def layer_forward(ffn, x, run=None):
+    """One MoE layer's forward outside a model forward (`run`: the layer, or a compiled one):
+    its output and the routing record it reports to the model's `MoEParts`."""
+    ffn.parts.begin()
+    try:
+        y = (ffn if run is None else run)(x)
+    finally:
+        records = ffn.parts.end()
+    return y, records[-1]
+
+
 def experts(n: int, k: int, g: float | str = 1.0) -> dict[str, Any]:
     return {"num_experts": n, "top_k": k, "granularity": g}
 

@@ -2,7 +2,7 @@
 kernel that CUDA uses in eager mode against the plain gather-and-sum, outputs and gradients.
 
 On CPU the kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1); the fused
-path is forced where `fused_kernels_available` would pick it on a GPU.
+path is forced where `experts.fused_kernels_available` would pick it on a GPU.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from moe_core.moe import dispatch  # noqa: E402
 from moe_core.moe.dispatch import combine, gather_rows, sort_by_expert  # noqa: E402
 from moe_core.moe.triton_combine import BLOCK_N, BLOCK_T, combine_rows  # noqa: E402
 from moe_core.moe.triton_experts import INTERPRETED  # noqa: E402
@@ -78,17 +77,16 @@ def test_fused_combine_takes_any_layout_of_rows():
 
 
 @pytest.mark.parametrize("cap", [None, 4])
-def test_gather_and_combine_give_the_same_values_and_gradients_fused_or_plain(cap, monkeypatch):
+def test_gather_and_combine_give_the_same_values_and_gradients_fused_or_plain(cap):
     T, K, E, D = 21, 3, 6, 40
     d = _dispatch(T, K, E, cap)
     x = torch.randn(T, D)
     g_PD = torch.randn(T * K, D)
     results = {}
     for fused in (False, True):
-        monkeypatch.setattr(dispatch, "fused_kernels_available", lambda t, fused=fused: fused)
         x_in = x.clone().requires_grad_()
-        rows = gather_rows(x_in, d) * g_PD  # the combine's input: a function of the gathered rows
-        y = combine(rows, d)
+        rows = gather_rows(x_in, d, fused) * g_PD  # the combine's input: a function of the gathered rows
+        y = combine(rows, d, fused)
         y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
         results[fused] = (y.detach(), x_in.grad)
     for plain, fused in zip(results[False], results[True]):
@@ -111,7 +109,7 @@ def test_fused_combine_on_the_gpu_rounds_the_slot_order_float32_sum_to_nearest(m
     calls = []
     monkeypatch.setattr("moe_core.moe.triton_combine.combine_rows",
                         lambda *args: calls.append(1) or combine_rows(*args))
-    assert torch.equal(combine(rows, d), out) and calls == [1]  # combine takes the kernel on CUDA
+    assert torch.equal(combine(rows, d, fused=True), out) and calls == [1]  # the fused combine is the kernel
 
 
 @pytest.mark.parametrize("moe", [
@@ -125,14 +123,13 @@ def test_grouped_backend_with_the_fused_kernels_equals_it_without(moe, monkeypat
     """The grouped backend as it runs on CUDA in eager mode (fused SwiGLU and combine, here under
     Triton's interpreter) against the plain ops: the loss and every parameter's gradient."""
     from moe_core import build_model
-    from moe_core.moe import swiglu
+    from moe_core.moe import experts as backends
 
     cfg = tiny({**moe, "backend": "grouped"})
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1))
     results = []
     for fused in (False, True):
-        monkeypatch.setattr(dispatch, "fused_kernels_available", lambda t, fused=fused: fused)
-        monkeypatch.setattr(swiglu, "fused_kernels_available", lambda t, fused=fused: fused)
+        monkeypatch.setattr(backends, "fused_kernels_available", lambda t, fused=fused: fused)
         torch.manual_seed(0)  # the same model each time
         model = build_model(cfg)
         out = model(idx[:, :-1], idx[:, 1:])

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from moe_core import build_model
-from moe_core.moe.balance import load_fraction, switch_loss
 from moe_core.moe.dispatch import capacity, sort_by_expert
-from moe_core.moe.router import norm_router_constant
+from moe_core.moe.router import load_fraction, norm_router_constant, select_experts, switch_loss
 from moe_core.moe.stats import _jaccard, _unique_per_row
-from tests.conftest import experts, tiny
+from tests.conftest import experts, layer_forward, tiny
 
 
 def _batch(b=2, s=16):
@@ -78,8 +77,10 @@ def test_loss_free_bias_moves_against_load_and_leaves_gates_unchanged():
     with torch.no_grad():
         ffn.bias_N.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
     h = torch.randn(5, 32)
+    _, routing = layer_forward(ffn, h[None])  # the layer routes with its bias
+    assert routing.ids_TK.flatten().tolist() == [2] * 5
     _, scores = model.routers[0](h)
-    ids, gates = ffn._route(scores)
+    ids, gates = select_experts(scores, ffn.sets, ffn.bias_N, ffn.router_cfg.renormalize)
     assert ids.flatten().tolist() == [2] * 5
     torch.testing.assert_close(gates[:, 0], scores[:, 2])
 
@@ -153,7 +154,7 @@ def test_expert_sets_are_summed_in_the_residual_dtype_under_autocast():
     ffn = model.blocks[0].ffn
     x = torch.randn(2, 16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, _ = ffn(x, model.routers[ffn.router], model.pools[ffn.pool])
+        y = ffn(x)
     assert y.dtype == torch.float32
 
 

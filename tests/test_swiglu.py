@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_core.moe.swiglu import gated_swiglu
+from moe_core.moe.experts import gated_swiglu
 
 
 def _autograd(h, g):

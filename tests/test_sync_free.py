@@ -11,7 +11,7 @@ from moe_core import build_model
 from moe_core.moe.dispatch import combine, gather_rows, sort_by_expert
 from moe_core.moe.grouped_gemm import grouped_matmul, offsets_from_counts
 from moe_core.sync_audit import SyncAudit
-from tests.conftest import experts, tiny
+from tests.conftest import experts, layer_forward, tiny
 
 HETERO_SHARED = {"experts": [experts(4, 1, "1/2"), experts(8, 2, "1/4")], "shared_experts": 1, "shared_granularity": "1/4"}
 LAYOUTS = {
@@ -165,29 +165,31 @@ def test_thousands_of_experts_train(num_experts):
 
 
 def test_compiled_code_decides_on_the_fused_kernels_inside_the_trace(monkeypatch):
-    """The switch to the Triton kernels (CUDA, eager) is asked inside dynamo's trace, forward and
-    backward (the autograd functions' backward too), where `is_compiling()` holds: a compiled
-    model on a GPU takes the plain ops, which inductor fuses, and never hands fake tensors to a
-    raw Triton launch. Checked on CPU by a switch that fails when asked outside the trace."""
-    from moe_core.moe import dispatch, swiglu
+    """The switch to the Triton kernels (CUDA, eager) is asked once per expert set, by the grouped
+    backend inside dynamo's trace, where `is_compiling()` holds (the backward passes keep the
+    forward's answer): a compiled model on a GPU takes the plain ops, which inductor fuses, and
+    never hands fake tensors to a raw Triton launch. Checked on CPU by a switch that fails when
+    asked outside the trace."""
+    from moe_core.moe import experts
+    from moe_core.moe.experts import ExpertBank, experts_grouped
+
+    asked = []
 
     def switch(t):
         if not torch.compiler.is_compiling():
             raise AssertionError("fused_kernels_available asked outside the compiled trace")
+        asked.append(1)
         return False
 
-    monkeypatch.setattr(dispatch, "fused_kernels_available", switch)
-    monkeypatch.setattr(swiglu, "fused_kernels_available", switch)
+    monkeypatch.setattr(experts, "fused_kernels_available", switch)
     d = sort_by_expert(torch.stack([torch.randperm(4)[:2] for _ in range(8)]), 4)
-
-    def f(x, g):
-        return combine(swiglu.gated_swiglu(gather_rows(x, d), g), d)
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x, g = torch.randn(8, 32, requires_grad=True), torch.rand(16, requires_grad=True)
+    bank = ExpertBank(4, 32, 16)
+    torch.nn.init.normal_(bank.w13_EDF2), torch.nn.init.normal_(bank.w2_EFD)
+    compiled = torch.compile(lambda x, g: experts_grouped(bank, x, d, g), fullgraph=True, backend="aot_eager")
+    x, g = torch.randn(8, 32, requires_grad=True), torch.rand(8, 2, requires_grad=True)
     for _ in range(2):
         compiled(x, g).sum().backward()
-    assert x.grad is not None and g.grad is not None
+    assert x.grad is not None and g.grad is not None and asked
 
 
 @pytest.mark.parametrize("name", ["layerwise", "unipool", "hetero_shared", "router_compute_dtype"])
@@ -201,11 +203,11 @@ def test_moe_ffn_compiles_as_one_graph(name):
     x = torch.randn(2, 16, 32)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "router_compute_dtype")
     grads = []
-    for fn in (compiled, lambda *a: ffn(*a)):
+    for fn in (compiled, ffn):
         model.zero_grad()
         xi = x.clone().requires_grad_()
         with autocast:
-            y, routing = fn(xi, router, pool)
+            y, routing = layer_forward(ffn, xi, fn)
         (y.square().sum() + routing.aux).backward()
         grads.append([y.detach(), xi.grad, router.weight_ND.grad, *(p.grad for p in pool.parameters())])
     for a, b in zip(*grads):
@@ -313,7 +315,7 @@ def test_gpu_grouped_backend_within_its_error_model(g, E, K, dtype):
     d = sort_by_expert(ids, E)
     dy = torch.randn(T, D, device="cuda", generator=gen, dtype=torch.float64)
     results = []
-    for b, run in ((bank, lambda b_, x_, g_: experts_reference(b_, x_, ids, g_, d.keep_mask_TK())),
+    for b, run in ((bank, lambda b_, x_, g_: experts_reference(b_, x_, d, g_)),
                    (ExpertBank(E, D, F).cuda().to(dtype), lambda b_, x_, g_: experts_grouped(b_, x_, d, g_))):
         if b is not bank:
             b.load_state_dict(bank.state_dict())

@@ -60,7 +60,7 @@ def _routing(kind: str, T: int, E: int, K: int, gen: torch.Generator) -> torch.T
 def _compare(T, D, F, E, ids, gates, x, cap=None, bank=None):
     bank = bank or _bank(E, D, F)
     d = sort_by_expert(ids, E, None if cap is None else capacity(cap, T, ids.shape[1], E))
-    y_ref, g_ref = _run(lambda b, x_, *a: experts_reference(b, x_, ids, gates, d.keep_mask_TK()), bank, x, gates)
+    y_ref, g_ref = _run(lambda b, x_, *a: experts_reference(b, x_, d, gates), bank, x, gates)
     y_tri, g_tri = _run(lambda b, x_, *a: experts_triton(b, x_, d, gates), bank, x, gates)
     torch.testing.assert_close(y_tri, y_ref, rtol=1e-5, atol=1e-6)
     for name, a, b in zip(("x", "gates", "w13", "w2"), g_tri, g_ref):
@@ -190,7 +190,7 @@ def test_triton_bfloat16_accumulates_in_float32():
     ids = _routing("uniform", T, E, 2, gen)
     gates = torch.rand(ids.shape, generator=gen)
     d = sort_by_expert(ids, E)
-    ref = experts_reference(bank, x, ids, gates, d.keep_mask_TK())
+    ref = experts_reference(bank, x, d, gates)
     bank16 = _bank(E, D, F, dtype=torch.bfloat16)
     with torch.no_grad():
         bank16.w13_EDF2.copy_(bank.w13_EDF2), bank16.w2_EFD.copy_(bank.w2_EFD)
@@ -200,7 +200,7 @@ def test_triton_bfloat16_accumulates_in_float32():
 
 
 # -- an error model instead of fixed tolerances ---------------------------------------------------
-def _fp64_reference(bank, x, ids, gates, keep, dy, f=lambda t: t):
+def _fp64_reference(bank, x, d, gates, dy, f=lambda t: t):
     """y and the gradients of (y * dy).sum() in float64, from the same (already rounded) inputs;
     f=abs applies the computation to the absolute values of x, gates, the weights and dy, which
     bounds the sum of |terms| of the whole chain of product-sums behind each result (silu' and
@@ -209,7 +209,7 @@ def _fp64_reference(bank, x, ids, gates, keep, dy, f=lambda t: t):
     with torch.no_grad():
         b.w13_EDF2.copy_(f(bank.w13_EDF2.double())), b.w2_EFD.copy_(f(bank.w2_EFD.double()))
     x64, g64 = f(x.detach().double()).requires_grad_(), f(gates.detach().double()).requires_grad_()
-    y = experts_reference(b, x64, ids, g64, keep)
+    y = experts_reference(b, x64, d, g64)
     (y * f(dy.double())).sum().backward()
     return [y.detach(), x64.grad, g64.grad, b.w13_EDF2.grad, b.w2_EFD.grad]
 
@@ -261,9 +261,8 @@ def _check_error_model(T, D, F, E, K, dtype, device, gen, c=3.0):
     d = sort_by_expert(ids, E)
     y, grads = _run(lambda b, x_, *a: experts_triton(b, x_, d, gates), bank, x, gates)
     dy = _loss_weights(y)
-    keep = d.keep_mask_TK()
-    ref = _fp64_reference(bank, x, ids, gates, keep, dy)
-    chain = _fp64_reference(bank, x, ids, gates, keep, dy, torch.abs)
+    ref = _fp64_reference(bank, x, d, gates, dy)
+    chain = _fp64_reference(bank, x, d, gates, dy, torch.abs)
     last = _magnitudes(bank, x, gates, d, dy)
     n = D + 2 * F + int(d.routed_E.max())
     eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(dtype).eps

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moe_core import build_model
-from moe_core.moe.experts import BankCast
+from moe_core.moe.experts import ExpertWeights
+from moe_core.moe.parts import PoolCast
 from tests.conftest import experts, tiny
 
 # A pool far larger than one layer's activations, so that a copy per layer cannot hide.
@@ -48,8 +49,9 @@ def _pool_copy_bytes(moe: dict) -> int:
 
 
 def _cast_in_every_layer(monkeypatch) -> None:
-    """The behaviour before: each layer gets the bank itself and casts its own copy."""
-    monkeypatch.setattr(BankCast, "use", lambda self: self.bank)
+    """The behaviour before: each layer casts its own copy of the bank."""
+    monkeypatch.setattr(PoolCast, "use", lambda self: ExpertWeights(
+        self.bank.w13_EDF2.to(self.dtype), self.bank.w2_EFD.to(self.dtype)))
 
 
 def test_more_unipool_layers_add_activations_not_pool_copies(monkeypatch):
@@ -118,3 +120,33 @@ def test_autocast_unipool_compiles_as_one_graph():
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-3, atol=1e-3)
     for name, g in eager[2].items():
         torch.testing.assert_close(compiled[2][name], g, rtol=2e-2, atol=1e-3, msg=lambda msg: f"{name}: {msg}")
+
+
+def test_a_checkpointed_backward_casts_each_pool_once_and_reports_nothing(monkeypatch):
+    """Activation checkpointing recomputes the blocks in the backward, last first: their layers
+    cast the pool again, once for all of them (`MoEParts.weights`), and their routing records are
+    not the forward's: the model keeps the forward's records only. A grouped pool (2 layers each)
+    is cast once per pool in the forward and once per pool in the backward."""
+    model = build_model(tiny({**UNIPOOL, "pool_group_size": 2}, n_layers=4, **WIDE))
+    model.set_activation_checkpointing(True)
+    casts: list[int] = []
+    real = PoolCast.__init__
+
+    def counting(self, bank, dtype):
+        casts.append(id(bank))
+        real(self, bank, dtype)
+
+    monkeypatch.setattr(PoolCast, "__init__", counting)
+    idx = torch.randint(0, 48, (2, 17))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(idx[:, :-1], idx[:, 1:])
+    banks = [id(b) for pool in model.pools for b in pool.sets]
+    assert len(banks) == 2 and sorted(casts) == sorted(banks)
+    forward_records = [(r.layer, r.pool) for r in model.last_routing]
+    assert forward_records == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    casts.clear()
+    out.loss.backward()
+    assert sorted(casts) == sorted(banks)  # the recomputation: one cast per pool, not per layer
+    assert [(r.layer, r.pool) for r in model.last_routing] == forward_records
+    assert not model.parts._casts  # nothing kept past the pool's first layer
+    assert all(p.grad is not None for pool in model.pools for p in pool.parameters())

@@ -27,7 +27,6 @@ from moe_core.config import ModelConfig
 from moe_core.layers import Attention, SwiGLU
 from moe_core.model import MoETransformer
 from moe_core.moe.experts import ExpertBank
-from moe_core.moe.layer import MoEFFN
 
 Tensors = dict[str, torch.Tensor]
 FFNTensors = Callable[[int, nn.Module], Tensors]  # (layer index, block) -> that layer's FFN tensors
@@ -112,7 +111,7 @@ def moe_sweep_tensors(model: MoETransformer) -> Tensors:
 
     def ffn(i: int, block: nn.Module) -> Tensors:
         prefix = f"model.layers.{i}.mlp"
-        if not isinstance(block.ffn, MoEFFN):
+        if block.ffn not in model.moe_layers:
             return _swiglu(prefix, block.ffn)
         out = _swiglu(f"{prefix}.shared_expert", block.ffn.shared) if block.ffn.shared is not None else {}
         if selection_bias:

@@ -32,8 +32,6 @@ from fractions import Fraction
 
 import torch
 
-from moe_core.moe.fused import fused_kernels_available
-
 
 def capacity(capacity_factor: float | tuple[int, int], num_tokens: int, top_k: int, num_experts: int) -> int:
     """C = ceil(CF * T * k / n): the most pairs one expert may take in a micro-batch.
@@ -65,6 +63,7 @@ class Dispatch:
     kept_E: torch.Tensor  # pairs each routed expert computes: routed, or at most the capacity (int64)
     keep_P: torch.Tensor | None  # bool per row: computed; None when every row is (dropless, overflow)
     num_tokens: int
+    ids_TK: torch.Tensor  # the group that computes each (token, slot): its expert, or E (the default expert)
     default_rows: torch.Tensor | None = None  # pairs over capacity the default expert computes
 
     @property
@@ -125,27 +124,28 @@ def sort_by_expert(ids_TK: torch.Tensor, num_experts: int, cap: int | None = Non
         kept_E=kept,
         keep_P=keep,
         num_tokens=num_tokens,
+        ids_TK=ids_TK,
     )
 
 
-def sort_with_overflow(ids_TK: torch.Tensor, num_experts: int, cap: int) -> tuple[torch.Tensor, Dispatch]:
+def sort_with_overflow(ids_TK: torch.Tensor, num_experts: int, cap: int) -> Dispatch:
     """Capacity as `sort_by_expert`, but the pairs over capacity go to a default expert, id
-    `num_experts`, instead of being dropped. Returns the ids each pair is computed by (T, K) and
-    their dispatch over E + 1 groups, whose counts stay the router's (see module docstring)."""
+    `num_experts`, instead of being dropped: a dispatch over E + 1 groups (its `ids_TK` say which
+    group computes each pair), whose counts stay the router's (see module docstring)."""
     capped = sort_by_expert(ids_TK, num_experts, cap)
     # Sorted again, stably, over E + 1 ids: the kept pairs keep their order within their expert,
     # and the default expert lists its pairs slot-major like any other.
-    ids_TK = ids_TK.masked_fill(~capped.keep_mask_TK(), num_experts)
-    grouped = sort_by_expert(ids_TK, num_experts + 1)
+    grouped = sort_by_expert(ids_TK.masked_fill(~capped.keep_mask_TK(), num_experts), num_experts + 1)
     default_rows = capped.routed_E.sum() - capped.kept_E.sum()
-    return ids_TK, replace(grouped, routed_E=capped.routed_E, kept_E=capped.kept_E, default_rows=default_rows)
+    return replace(grouped, routed_E=capped.routed_E, kept_E=capped.kept_E, default_rows=default_rows)
 
 
-def _sum_pairs(rows_PD: torch.Tensor, row_P: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def _sum_pairs(rows_PD: torch.Tensor, row_P: torch.Tensor, num_tokens: int, fused: bool) -> torch.Tensor:
     """Each token's sum over its K rows: back to slot-major order by a gather, then a sum over
-    slots. Deterministic (no atomics); accumulates in float32 for low-precision rows. On CUDA in
-    eager mode one Triton kernel does both without the gathered copy (`triton_combine.py`)."""
-    if fused_kernels_available(rows_PD):
+    slots. Deterministic (no atomics); accumulates in float32 for low-precision rows. `fused`
+    (CUDA, eager: `experts.fused_kernels_available`): one Triton kernel does both without the
+    gathered copy (`triton_combine.py`)."""
+    if fused:
         from moe_core.moe.triton_combine import combine_rows
 
         return combine_rows(rows_PD, row_P, num_tokens)
@@ -157,36 +157,40 @@ class _GatherRows(torch.autograd.Function):
     like the combine instead of `index_add_` (float atomics on GPUs, order-dependent)."""
 
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, token_P: torch.Tensor, row_P: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x_TD: torch.Tensor, token_P: torch.Tensor, row_P: torch.Tensor, fused: bool) -> torch.Tensor:
         ctx.save_for_backward(token_P, row_P)
-        ctx.num_tokens = x_TD.shape[0]
+        ctx.num_tokens, ctx.fused = x_TD.shape[0], fused
         return x_TD.index_select(0, token_P)
 
     @staticmethod
     def backward(ctx, grad_PD: torch.Tensor):
         token_P, row_P = ctx.saved_tensors
-        return _CombineRows.apply(grad_PD, token_P, row_P, ctx.num_tokens), None, None
+        return _CombineRows.apply(grad_PD, token_P, row_P, ctx.num_tokens, ctx.fused), None, None, None
 
 
 class _CombineRows(torch.autograd.Function):
     """y_TD[t] = sum of the rows of token t; the gradient of a row is its token's gradient."""
 
     @staticmethod
-    def forward(ctx, y_PD: torch.Tensor, token_P: torch.Tensor, row_P: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def forward(ctx, y_PD: torch.Tensor, token_P: torch.Tensor, row_P: torch.Tensor, num_tokens: int,
+                fused: bool) -> torch.Tensor:
         ctx.save_for_backward(token_P, row_P)
-        return _sum_pairs(y_PD, row_P, num_tokens)
+        ctx.fused = fused
+        return _sum_pairs(y_PD, row_P, num_tokens, fused)
 
     @staticmethod
     def backward(ctx, grad_TD: torch.Tensor):
         token_P, row_P = ctx.saved_tensors
-        return _GatherRows.apply(grad_TD, token_P, row_P), None, None, None
+        return _GatherRows.apply(grad_TD, token_P, row_P, ctx.fused), None, None, None, None
 
 
-def gather_rows(x_TD: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-    """(T, D) -> (P, D): each row's token, in expert order. Atomic-free backward."""
-    return _GatherRows.apply(x_TD, dispatch.token_P, dispatch.row_P)
+def gather_rows(x_TD: torch.Tensor, dispatch: Dispatch, fused: bool = False) -> torch.Tensor:
+    """(T, D) -> (P, D): each row's token, in expert order. Atomic-free backward; `fused`: its
+    backward's sum by the Triton kernel (see `_sum_pairs`)."""
+    return _GatherRows.apply(x_TD, dispatch.token_P, dispatch.row_P, fused)
 
 
-def combine(y_PD: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-    """(P, D) -> (T, D): sum each token's rows (already gated; dropped rows are zero)."""
-    return _CombineRows.apply(y_PD, dispatch.token_P, dispatch.row_P, dispatch.num_tokens)
+def combine(y_PD: torch.Tensor, dispatch: Dispatch, fused: bool = False) -> torch.Tensor:
+    """(P, D) -> (T, D): sum each token's rows (already gated; dropped rows are zero); `fused`:
+    by the Triton kernel (see `_sum_pairs`)."""
+    return _CombineRows.apply(y_PD, dispatch.token_P, dispatch.row_P, dispatch.num_tokens, fused)

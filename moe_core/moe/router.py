@@ -1,15 +1,24 @@
-"""Routers: score every routed expert of a layer, then pick each expert set's top-k.
+"""Routing: score every routed expert of a layer, pick each expert set's top-k, and the
+load-balancing terms on those scores (Switch loss, UniPool pool loss, router z-loss, loss-free
+bias update).
 
 Shape legend: T tokens, D model dim, N routed experts (all sets), K chosen experts per token.
 Router math runs in float32 whatever the autocast dtype: the gates and balance statistics are
 small but their rounding steers which expert a token reaches. The logits' matmul may instead run
 in the compute dtype (`RouterConfig.dtype: compute`), its result taken to float32 at once.
+
+With several expert sets (heterogeneous MoE) each set is balanced on its own, since a uniform
+load means something different for sets of different (n, k): the Switch form
+n_s * sum_{i in s} f_i * P_i is taken per set and averaged over sets, so a perfectly balanced
+router gives exactly the loss weight, as in the homogeneous case.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -17,20 +26,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_core.config import RouterConfig
-from moe_core.moe.experts import compute_dtype
+from moe_core.moe.parts import compute_dtype
 
 
 @dataclass(frozen=True)
 class SetSlice:
-    """Where one expert set sits among the router's N columns, and its top-k."""
+    """Where one expert set sits among the router's N columns (`cols`), its top-k, and where its
+    k slots sit among a token's K chosen experts (`slots`)."""
 
     offset: int
     num_experts: int
     top_k: int
+    first_slot: int = 0
+    cols: slice = field(init=False, repr=False, compare=False)
+    slots: slice = field(init=False, repr=False, compare=False)
 
-    @property
-    def cols(self) -> slice:
-        return slice(self.offset, self.offset + self.num_experts)
+    def __post_init__(self) -> None:
+        # Plain fields, not properties: the layer reads them on every forward.
+        object.__setattr__(self, "cols", slice(self.offset, self.offset + self.num_experts))
+        object.__setattr__(self, "slots", slice(self.first_slot, self.first_slot + self.top_k))
+
+
+def expert_sets(experts: Sequence) -> tuple[SetSlice, ...]:
+    """The `SetSlice` of each expert set of `MoEConfig.experts`, in column order."""
+    offsets = [0, *accumulate(s.num_experts for s in experts)]
+    slots = [0, *accumulate(s.top_k for s in experts)]
+    return tuple(SetSlice(o, s.num_experts, s.top_k, k) for o, k, s in zip(offsets, slots, experts))
 
 
 # UniPool's recipe: c from 100,000 draws of a numpy RandomState(42) (drawn in chunks of rows,
@@ -142,3 +163,56 @@ def random_experts(
         draw = torch.rand(num_tokens, cand.numel(), generator=generator).argsort(dim=-1)[:, : s.top_k]
         ids.append(cand.cpu()[draw])
     return torch.cat(ids, dim=-1)
+
+
+
+# -- load balancing --------------------------------------------------------------------------------
+def balance_probs(scores_TN: torch.Tensor, scoring: str, sets: tuple[SetSlice, ...]) -> torch.Tensor:
+    """The per-token distribution P the balance losses average.
+
+    Softmax: the probabilities, renormalised within each set. Sigmoid: scores normalised within
+    each set (scores are independent). NormRouter: the scores themselves (UniPool, sec. 3).
+    """
+    if scoring == "norm":
+        return scores_TN
+    if scoring == "softmax" and len(sets) == 1:
+        return scores_TN
+    parts = [scores_TN[:, s.cols] for s in sets]
+    return torch.cat([p / p.sum(dim=-1, keepdim=True).clamp_min(1e-20) for p in parts], dim=-1)
+
+
+def load_fraction(counts_N: torch.Tensor, num_tokens: int | torch.Tensor, sets: tuple[SetSlice, ...]) -> torch.Tensor:
+    """f_i = pairs routed to expert i / (T * k_s): each set's loads sum to 1 (detached)."""
+    k = torch.cat([counts_N.new_full((s.num_experts,), s.top_k, dtype=torch.float32) for s in sets])
+    return counts_N.detach().float() / (k * num_tokens)
+
+
+def switch_loss(f_N: torch.Tensor, mean_p_N: torch.Tensor, sets: tuple[SetSlice, ...]) -> torch.Tensor:
+    """n_s * sum_i f_i * P_i per set, averaged over sets (Fedus et al. 2021, eq. 4, unweighted)."""
+    per_set = [s.num_experts * (f_N[s.cols] * mean_p_N[s.cols]).sum() for s in sets]
+    return torch.stack(per_set).mean()
+
+
+def z_loss(logits_TN: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 (Zoph et al. 2022)."""
+    return torch.logsumexp(logits_TN, dim=-1).square().mean()
+
+
+@torch.no_grad()
+def update_loss_free_bias(bias_N: torch.Tensor, counts_N: torch.Tensor, sets: tuple[SetSlice, ...], rate: float) -> None:
+    """b_i += u * sign(mean load - load_i), in place, per set (Wang et al. 2024; DeepSeek-V3)."""
+    for s in sets:
+        load = counts_N[s.cols].float()
+        bias_N[s.cols] += rate * torch.sign(load.mean() - load)
+
+
+def routing_entropy(logits_TN: torch.Tensor, p_TN: torch.Tensor, softmax: bool) -> torch.Tensor:
+    """Mean per-token entropy (nats) of the routing distribution p normalised over experts.
+
+    For a softmax, H = logsumexp(z) - sum_i p_i z_i, which needs no log of p: this runs every
+    forward, over T x N entries.
+    """
+    if softmax:
+        return (torch.logsumexp(logits_TN, dim=-1) - (p_TN * logits_TN).sum(dim=-1)).mean()
+    dist = p_TN / p_TN.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return -(dist * dist.clamp_min(1e-20).log()).sum(dim=-1).mean()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from moe_core.config import ModelConfig
-from moe_core.moe.layer import LayerRouting
+from moe_core.moe.parts import LayerRouting
 
 
 def _expected_load(cfg: ModelConfig, num_tokens: int) -> list[float]:

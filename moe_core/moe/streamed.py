@@ -102,7 +102,7 @@ class StreamedExperts(torch.autograd.Function):
 def _swiglu_backward(h_R2F: torch.Tensor, d_act_RF: torch.Tensor, g_R1: torch.Tensor,
                      dgates_R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For a = silu(z) * u * g: writes d g into `dgates_R` and returns (d h, act * g), with
-    `d_act_RF` overwritten. The formulas of `swiglu.py` in fewer passes over the chunk, writing
+    `d_act_RF` overwritten. The formulas of `experts.swiglu_backward` in fewer passes over the chunk, writing
     into the two halves of d h directly (`out=` into strided slices: eager only, as this
     backward is). silu'(z) = sigma(z) * (1 + z * (1 - sigma(z))) as written, not as
     silu + sigma * (1 - silu): that one cancels two numbers of size z, which in bfloat16 is

@@ -9,7 +9,7 @@ over P x N where this reads each row once and writes each token once. At the H10
 g = 1/8 point the (P, N) copy is 256 MB in bfloat16, and a layer step combines twice (its output,
 and the gradient of its gathered input). No atomics: the result does not depend on scheduling.
 
-Used by the `triton` backend, and by `dispatch.combine` on CUDA in eager mode (`fused.py`).
+Used by the `triton` backend, and by the `grouped` backend's combine on CUDA in eager mode (`experts.fused_kernels_available`).
 """
 
 from __future__ import annotations

@@ -455,7 +455,7 @@ triton_experts_op.register_autograd(_backward, setup_context=_setup_context)
 def experts_triton(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, dispatch: Dispatch,
                    gates_P: torch.Tensor) -> torch.Tensor:
     """The Triton backend: y_TD = sum over a token's kept rows of gate * expert(x). Operands in
-    one compute dtype (`experts.cast_for_experts`); gates_P zero for dropped rows."""
+    one compute dtype (`experts._operands`); gates_P zero for dropped rows."""
     y_TD, _, _, _ = triton_experts_op(x_TD, gates_P.to(x_TD.dtype), w13, w2, dispatch.token_P, dispatch.row_P,
                                       dispatch.offsets_E)
     return y_TD

@@ -27,8 +27,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from moe_core.model import MoETransformer
-from moe_core.moe.experts import BankCast, ExpertWeights
-from moe_core.moe.layer import ExpertPool, MoEFFN
+from moe_core.moe.parts import ExpertPool, PoolCast
 from moe_core.train.distributed import DataParallel
 
 
@@ -41,7 +40,7 @@ def shard_model(model: MoETransformer, device: torch.device, dp: DataParallel) -
     layerwise = model.cfg.moe.layout == "layerwise"
     with_blocks: set[nn.Parameter] = set()
     for block in model.blocks:
-        if layerwise and isinstance(block.ffn, MoEFFN):
+        if layerwise and block.ffn in model.moe_layers:
             pool = model.pools[block.ffn.pool]
             _shard_with(block, pool, options)
             _gather_on_cast(pool, block)
@@ -74,44 +73,18 @@ def _shard_with(block: nn.Module, pool: ExpertPool, options: dict[str, Any]) -> 
 
 
 def _gather_on_cast(pool: ExpertPool, unit: FSDPModule) -> None:
-    """The model reads a pool's weights in `ExpertPool.cast`, before the forward of the block that
-    uses them, so FSDP's forward hooks would gather them too late: gather the unit holding them
-    there (like `register_fsdp_forward_method`, without the reshard after the call). The block's
-    own hooks reshard, re-gather for the backward and reduce-scatter; a UniPool pool has no
-    forward of its own, so FSDP reshards it after the backward."""
+    """A layer reads its pool's weights through `ExpertPool.cast` (`MoEParts.weights`). A
+    layerwise pool is part of its block's unit, gathered by the block's forward hooks before
+    that; a UniPool pool has no forward of its own, so FSDP's hooks would never gather it: gather
+    the unit holding it there (like `register_fsdp_forward_method`, without the reshard after the
+    call). A UniPool pool then stays gathered until FSDP reshards it after the backward."""
     cast = pool.cast
 
-    def cast_gathered(dtype: torch.dtype) -> list[_HiddenCast]:
+    def cast_gathered(dtype: torch.dtype) -> tuple[PoolCast, ...]:
         unit.unshard()
-        return [_HiddenCast(c) for c in cast(dtype)]
+        return cast(dtype)
 
     pool.cast = cast_gathered
-
-
-class _HiddenCast:
-    """A `BankCast` whose `use` gives the layer its weights as `_Weights`."""
-
-    def __init__(self, cast: BankCast) -> None:
-        self.cast = cast
-
-    def use(self) -> _Weights:
-        return _Weights(self.cast.use())
-
-
-class _Weights:
-    """A bank's weights for one layer (`ExpertWeights`) in a class FSDP does not look into. FSDP
-    routes every tensor among a block's forward inputs, dataclass fields included, through its
-    post-backward hook; the weights' gradients would then reach the parameters only after that
-    hook has reduce-scattered the block's gradients (a layerwise pool's among them)."""
-
-    __slots__ = ("w13_EDF2", "w2_EFD")
-
-    def __init__(self, weights: ExpertWeights) -> None:
-        self.w13_EDF2, self.w2_EFD = weights.w13_EDF2, weights.w2_EFD
-
-    @property
-    def num_experts(self) -> int:
-        return self.w13_EDF2.shape[0]
 
 
 def _average_grad(dp: DataParallel, param: torch.Tensor) -> None:
