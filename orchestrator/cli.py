@@ -44,7 +44,7 @@ def _train(args: argparse.Namespace) -> None:
         summary = train_trial(trial, args.out, callbacks=[progress])
     Console().print(
         f"{summary.status}: {summary.steps} steps, {summary.tokens:,} tokens, train loss {summary.train_loss:.4f}, "
-        f"val loss {summary.val_loss_macro:.4f} (ppl {summary.perplexity:.1f}), "
+        f"val loss {summary.val_loss:.4f} (ppl {summary.perplexity:.1f}), "
         f"{summary.tokens_per_second:,.0f} tokens/s -> {args.out}"
     )
     if summary.status != "completed":

@@ -72,6 +72,8 @@ def _row_from_folder(paths: SweepPaths, tid: str, method: str) -> dict[str, Any]
         return None
     if not isinstance(summary, dict) or summary.get("status") not in _FINISHED:
         return None
+    if isinstance(summary.get("val_loss"), dict):  # written before val_loss became the float everywhere
+        summary = {**summary, "val_loss": summary.get("val_loss_macro"), "val_loss_by_set": summary["val_loss"]}
     base = planned_columns({**meta, "method": meta.get("method", method)})
     return trial_row(base | {"simulated": False}, summary["status"], summary)
 

@@ -174,11 +174,11 @@ def trial_row(base: dict[str, Any], status: str, summary: dict[str, Any] | None 
         return row
     row.update({
         "steps": summary.get("steps"), "tokens": summary.get("tokens"),
-        "train_loss": summary.get("train_loss"), "val_loss": summary.get("val_loss_macro"),
+        "train_loss": summary.get("train_loss"), "val_loss": summary.get("val_loss"),
         "perplexity": summary.get("perplexity"), "wall_seconds": summary.get("wall_seconds"),
         "tokens_per_second": summary.get("tokens_per_second"),
     })
-    for name, value in (summary.get("val_loss") or {}).items():
+    for name, value in (summary.get("val_loss_by_set") or {}).items():
         row[f"val_loss/{name}"] = value
     row.update(summary.get("downstream") or {})  # acc_<task>, acc_norm_<task>
     probe = summary.get("routing_probe") or {}

@@ -107,7 +107,7 @@ def simulate_trial(meta: dict[str, Any], out: Path, scale: float) -> dict[str, A
         tune.report({"moe_trial_id": meta["trial_id"], "moe_sweep": meta["sweep"], "evals": evals, "step": step,
                      "tokens": step * train["batch_tokens"], "simulated": 1})
     return {"status": "completed", "steps": total_steps, "tokens": total_steps * train["batch_tokens"],
-            "wall_seconds": time.time() - start, "val_loss": {}, "val_loss_macro": None}
+            "wall_seconds": time.time() - start, "val_loss": None, "val_loss_by_set": {}}
 
 
 def _hold(seconds: float, group: _Group | None) -> None:

@@ -134,7 +134,7 @@ class ResultsCallback(Callback):
         if row is not None and row["status"] in (RUNNING, FAILED) and not error:
             # Tune ended the trial without an error (early stopping): keep its last result.
             last = trial.last_result or {}
-            row = trial_row(row, STOPPED, {"val_loss_macro": last.get("val_loss"), "train_loss": last.get("train_loss"),
+            row = trial_row(row, STOPPED, {"val_loss": last.get("val_loss"), "train_loss": last.get("train_loss"),
                                            "steps": last.get("step"), "tokens": last.get("tokens")})
             write_row(file, row)
         elif row is not None and row["status"] == RUNNING and error:

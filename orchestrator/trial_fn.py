@@ -128,7 +128,7 @@ def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]
         from ray import tune
 
         tune.report({"moe_trial_id": meta["trial_id"], "moe_sweep": meta["sweep"], "evals": 1, "step": 0, "val_loss": 0.0})
-        return {"status": "completed", "steps": 0, "tokens": 0, "val_loss": {}, "val_loss_macro": 0.0}
+        return {"status": "completed", "steps": 0, "tokens": 0, "val_loss": 0.0, "val_loss_by_set": {}}
     import torch
 
     from moe_core.train.loop import train_trial

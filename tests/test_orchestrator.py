@@ -210,7 +210,7 @@ def test_two_worker_trial_runs_data_parallel(tmp_path, cache):
     from moe_core.trial import TrialConfig
 
     single = train_trial(TrialConfig.from_dict(json.loads(row["config_json"])), tmp_path / "single")
-    assert row["val_loss"] == pytest.approx(single.val_loss_macro, rel=1e-4)
+    assert row["val_loss"] == pytest.approx(single.val_loss, rel=1e-4)
     # Planned, reserved and run as a two-worker gang on one node.
     assert (row["workers"], row["placement"]) == (2, "STRICT_PACK")
 

@@ -246,7 +246,7 @@ def test_simulated_rows_never_mix_with_trained_ones(tmp_path, capsys):
         paths.make()
         for i in range(3):
             base = {"trial_id": f"{name}{i}", "sweep": name, "simulated": simulated}
-            write_row(paths.trials / f"{name}{i}.parquet", trial_row(base, "completed", {"val_loss_macro": 3.0}))
+            write_row(paths.trials / f"{name}{i}.parquet", trial_row(base, "completed", {"val_loss": 3.0}))
     assert sorted(load_trials(runs)["trial_id"]) == ["real0", "real1", "real2"]
     assert sorted(load_trials(runs, simulated=True)["trial_id"]) == ["sim0", "sim1", "sim2"]
     assert query("select count(*) as n from trials", runs, "sim")["n"][0] == 0

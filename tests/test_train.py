@@ -77,8 +77,8 @@ def test_same_seed_gives_the_same_losses_and_all_outputs(cache, tmp_path):
     for name in ("config.yaml", "metrics.parquet", "summary.json"):
         assert (tmp_path / "a" / name).exists()
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert set(summary["val_loss"]) == {"bible_ot", "bible_nt"}
-    assert summary["val_loss_macro"] == pytest.approx(sum(summary["val_loss"].values()) / 2)
+    assert set(summary["val_loss_by_set"]) == {"bible_ot", "bible_nt"}
+    assert summary["val_loss"] == pytest.approx(sum(summary["val_loss_by_set"].values()) / 2)
     table = pq.read_table(tmp_path / "a" / "metrics.parquet")
     assert {"aux", "z", "lr", "grad_norm", "tokens_per_second", "mfu", "val_loss", "routing/max_load"} <= set(table.column_names)
     assert TrialConfig.from_dict(yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())) == _trial(cache)

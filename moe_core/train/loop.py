@@ -40,8 +40,8 @@ class TrainSummary:
     steps: int
     tokens: int
     train_loss: float
-    val_loss: dict[str, float]
-    val_loss_macro: float
+    val_loss: float  # the macro-average over the validation sets, as in every row and table
+    val_loss_by_set: dict[str, float]
     perplexity: float
     params: dict[str, int]
     flops_per_token: int
@@ -273,8 +273,8 @@ def _finish(run: _Run, status: str) -> TrainSummary:
         steps=steps_done,
         tokens=steps_done * tokens_per_step,
         train_loss=sum(train_rows) / len(train_rows) if train_rows else float("nan"),
-        val_loss=run.val,
-        val_loss_macro=loss,
+        val_loss=loss,
+        val_loss_by_set=run.val,
         perplexity=math.exp(loss) if math.isfinite(loss) else float("nan"),
         params=run.counts.to_dict(),
         flops_per_token=run.counts.flops_per_token,
