@@ -42,6 +42,7 @@ from orchestrator.ray_session import auth_token_path, cleanup_orphans, start_ray
 from orchestrator.repair import repair
 from orchestrator.results import (FAILED, RUNNING, STOPPED, TERMINAL, DamagedFile, SweepPaths, read_rows, read_rows_of, trial_row,
                                   trial_states, write_row)
+from orchestrator.actor_reuse import reuse_own_starting_actors
 from orchestrator.cluster_model import Job, best_queue, start_gaps
 from orchestrator.cluster_model import queue_key as queue_key_of
 from orchestrator.queue_search import QueueGate, QueueSearcher
@@ -295,6 +296,7 @@ def _run(sweeps: dict[str, _Sweep], options: RunOptions, console: Console) -> No
             failure_config=tune.FailureConfig(max_failures=retries),
             callbacks=[ResultsCallback(str(first.paths.root), _Driver(sweeps, view, mlflow, gate))],
         )
+        reuse_own_starting_actors()  # see actor_reuse.py: Tune would kill actors already starting
         mlflow.start()
         try:
             with view:
