@@ -23,10 +23,10 @@ forward when one start per `start_gap` would make the driver, not the GPUs, set 
 at real speed (a start is ~0.2 s, a trial minutes to days), but in a simulation that compresses
 a day into seconds (`start_gaps`). Against the simulated study on 8 x 8 fake GPUs
 (bench/cluster_schedule.py): with actors counted the model predicts 1.087x the bound and 107
-actors for widest first; runs measured 1.140x with 112 processes and 1.257x with 195 (the
-driver and the starting actors share 2 cores). What the model does not know is how Tune's
-actor cache behaves under bursts of ends or while trials of several shapes wait (it keeps
-fewer actors than here).
+actors for widest first; the run measured 1.093x with 106 processes once Tune stopped killing
+starting actors (`actor_reuse.py`; before, 1.14-1.26x with 112-394). What the model does not
+know is how Tune's actor cache behaves while trials of several shapes wait (it keeps fewer
+actors than here).
 """
 
 from __future__ import annotations
