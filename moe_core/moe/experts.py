@@ -60,10 +60,6 @@ class ExpertWeights:
     def num_experts(self) -> int:
         return self.w13_EDF2.shape[0]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.w13_EDF2.dtype
-
 
 class ExpertBank(nn.Module):
     """E experts of one width: fused gate|up projection w13 (E, D, 2F) and down w2 (E, F, D)."""
@@ -73,10 +69,6 @@ class ExpertBank(nn.Module):
         self.num_experts, self.width = num_experts, width
         self.w13_EDF2 = nn.Parameter(torch.empty(num_experts, d_model, 2 * width))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, width, d_model))
-
-    def weights(self) -> ExpertWeights:
-        """The parameters themselves, as a backend takes them."""
-        return ExpertWeights(self.w13_EDF2, self.w2_EFD)
 
 
 Backend = Callable[[ExpertWeights, torch.Tensor, Dispatch, torch.Tensor], torch.Tensor]
