@@ -100,7 +100,7 @@ class SimCluster:
 
     def process_starts(self) -> list[float]:
         """When each Ray worker process of the run started (one log per core worker, its first
-        line stamped; drivers log apart): each trial actor costs ~1.6 CPU-s (a process, `import
+        line stamped; drivers log apart): each trial actor costs ~1.9 CPU-s (a process, `import
         ray.tune`, the trainable's set-up) before its first trial, so on 2 cores their count and
         timing, not the queue, bound a phase of many short trials."""
         logs = Path(self.cluster.head_node.get_session_dir_path()) / "logs"
