@@ -279,3 +279,14 @@ class ModelConfig(StrictConfig):
         if self.moe.layout == "unipool":
             return math.ceil(n / (self.moe.pool_group_size or n))
         return n
+
+    @property
+    def sparsity(self) -> float:
+        """Activation sparsity S = n / k of one MoE layer (1 for a dense model); a UniPool pool of
+        M experts shared by G layers counts as M / G experts per layer."""
+        k, n = self.moe.top_k, self.moe.num_routed_experts
+        if not k:
+            return 1.0
+        if self.moe.layout == "unipool":
+            return n * self.num_pools / len(self.moe_layers) / k
+        return n / k

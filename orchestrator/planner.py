@@ -41,8 +41,9 @@ from moe_core.train.config import TrainConfig
 from moe_core.trial import TrialConfig
 from moe_core.yaml_io import load_yaml_with_lines
 from orchestrator.hardware import HARDWARE, Hardware
+from orchestrator.planned import PlannedTrial
 from orchestrator.scales import SCALES
-from orchestrator.shapes import ShapeChoice, TrialShape, choose_shape
+from orchestrator.shapes import ShapeChoice, choose_shape
 from orchestrator.study import Infeasible, StudyConfig, derive_moe
 from orchestrator.sweep_spec import SweepSpec
 
@@ -50,50 +51,6 @@ from orchestrator.sweep_spec import SweepSpec
 BASE_SECTIONS: dict[str, type[BaseModel] | None] = {
     "scale": None, "study": StudyConfig, "model": ModelConfig, "train": TrainConfig, "data": DataConfig,
 }
-
-
-@dataclass(frozen=True)
-class PlannedTrial:
-    trial_id: str  # hash of the resolved config (seed included): stable across re-plans
-    config_id: str  # hash of the resolved config without the seed: one design point
-    sweep: str
-    scale: str  # the scale's name, or "custom"
-    seed: int
-    params: dict[str, Any]  # the swept keys and their resolved values (variant labels for variants)
-    derived: dict[str, Any]  # the MoE the study knobs resolved to
-    config: TrialConfig
-    active_params: int  # without routers (equal within a scale)
-    total_params: int
-    router_params: int  # active router parameters (once per MoE layer)
-    flops_per_token: int  # training FLOPs per token without routers (equal within a scale)
-    router_flops_per_token: int
-    train_tokens: int
-    train_flops: float  # flops_per_token * train_tokens
-    est_hours: float  # planned wall time on its shape (start-up and data-parallel efficiency included)
-    hardware: str
-    sharding: str  # `none` (DDP or one worker) or `fsdp`, as written into train.sharding
-    shape: TrialShape  # its workers, GPUs and placement (orchestrator.shapes)
-    memory: dict[str, Any] | None = None  # moe_core.memory estimate per GPU (None on CPUs)
-
-    @property
-    def memory_per_gpu(self) -> int | None:
-        return self.memory["total"] if self.memory else None
-
-    @property
-    def devices(self) -> float:
-        """GPUs it holds (CPU cores on a CPU sweep)."""
-        return self.shape.gpus if self.shape.gpus_per_worker else self.shape.workers * self.shape.cpus_per_worker
-
-    @property
-    def device_hours(self) -> float:
-        return self.est_hours * self.devices
-
-    def to_dict(self, with_config: bool = True) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("config", "shape")}
-        out.update(self.shape.to_dict())
-        if with_config:
-            out["config"] = self.config.to_dict()
-        return out
 
 
 @dataclass(frozen=True)
@@ -388,7 +345,8 @@ class Planner:
         if sharding != trial.train.sharding:
             trial = TrialConfig.from_dict({**trial.to_dict(), "train": {**trial.train.to_dict(), "sharding": sharding}})
         return PlannedTrial(
-            trial_id=trial_id(trial), config_id=config_id(trial), sweep=spec.name, scale=scale or "custom", seed=seed,
+            trial_id=trial_id(trial), config_id=config_id(trial), sweep=spec.name, method=spec.method,
+            scale=scale or "custom", seed=seed,
             params=self._params(point, tree, study, trial), derived=_derived(trial.model),
             config=trial, active_params=counts.matched_active, total_params=counts.total,
             router_params=counts.active_router, flops_per_token=flops,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.planned import PlannedTrial
 from orchestrator.results import (COMPLETED, DIVERGED, FAILED, DamagedFile, SweepPaths, copy_steps, planned_columns,
                                   read_rows_of, scan_rows, trial_row, write_row)
 
@@ -34,14 +35,14 @@ def set_aside(paths: SweepPaths, file: Path) -> Path:
     return aside
 
 
-def repair(paths: SweepPaths, method: str, say: Callable[[str], None]) -> int:
+def repair(paths: SweepPaths, say: Callable[[str], None]) -> int:
     """Repair the sweep's damaged trials and steps files; `say` gets one line per file. Returns
     how many files were damaged."""
     _, trials = scan_rows(paths.trials, "trials")
     for damage in trials:
         tid = damage.path.stem
         aside = set_aside(paths, damage.path)
-        row = _row_from_folder(paths, tid, method)
+        row = _row_from_folder(paths, tid)
         if row is not None:
             write_row(damage.path, row)
             done = f"rebuilt from {paths.trial_dir(tid)}"
@@ -61,20 +62,20 @@ def repair(paths: SweepPaths, method: str, say: Callable[[str], None]) -> int:
     return len(trials) + len(steps)
 
 
-def _row_from_folder(paths: SweepPaths, tid: str, method: str) -> dict[str, Any] | None:
+def _row_from_folder(paths: SweepPaths, tid: str) -> dict[str, Any] | None:
     """The trial's row as the trial itself would have written it at its end, from its plan
     (`plan/<id>.json`) and its folder's `summary.json`; None unless both are readable and the
     trial finished there."""
     try:
-        meta = json.loads((paths.plan / f"{tid}.json").read_text())
+        planned = PlannedTrial.read(paths.plan / f"{tid}.json")
         summary = json.loads((paths.trial_dir(tid) / "summary.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
         return None
     if not isinstance(summary, dict) or summary.get("status") not in _FINISHED:
         return None
     if isinstance(summary.get("val_loss"), dict):  # written before val_loss became the float everywhere
         summary = {**summary, "val_loss": summary.get("val_loss_macro"), "val_loss_by_set": summary["val_loss"]}
-    base = planned_columns({**meta, "method": meta.get("method", method)})
+    base = planned_columns(planned)
     return trial_row(base | {"simulated": False}, summary["status"], summary)
 
 

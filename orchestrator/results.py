@@ -20,12 +20,16 @@ import json
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moe_core.files import error_line, parquet_damage, write_parquet
+
+if TYPE_CHECKING:  # the driver and the trials pass them; `analysis` reads tables without them
+    from moe_core.trial import TrialConfig
+    from orchestrator.planned import PlannedTrial
 
 # Trial states. Terminal ones are never re-run by a resumed sweep; `failed` trials are retried
 # (from their last checkpoint) by the next `moe-sweep run`.
@@ -92,69 +96,66 @@ def _param_value(value: Any) -> str | None:
     return json.dumps(value, sort_keys=True)
 
 
-def resolved_columns(config: dict[str, Any]) -> dict[str, Any]:
+def resolved_columns(trial: TrialConfig) -> dict[str, Any]:
     """The resolved trial config as fixed columns every sweep shares (so tables of different
-    sweeps line up), derived from the config dict alone."""
-    model, train = config["model"], config["train"]
-    moe = model.get("moe") or {}
-    sets = moe.get("experts") or []
-    layout = moe.get("layout", "dense")
-    k = sum(s["top_k"] for s in sets)
-    n = sum(s["num_experts"] for s in sets)
-    layers = len(range(moe.get("first_dense_layers", 0), model["n_layers"], moe.get("moe_every", 1)))
-    pools = -(-layers // (moe.get("pool_group_size") or layers)) if layout == "unipool" else layers
-    balance, router = moe.get("balance") or {}, moe.get("router") or {}
+    sweeps line up), read off the typed config: its properties are the one definition of the
+    layout, the sparsity and the MoE layers."""
+    model, train, moe = trial.model, trial.train, trial.model.moe
+    sets, router, balance = moe.experts, moe.router, moe.balance
     return {
-        "layout": layout,
-        # S = n / k per layer; a UniPool pool of M experts serving G layers counts as M / G per layer
-        "sparsity": (n * pools / layers / k if layout == "unipool" else n / k) if k else 1.0,
-        "num_experts": n,
-        "top_k": k,
-        "granularity": sets[0]["granularity"] if sets else 1.0,
+        "layout": moe.layout,
+        "sparsity": model.sparsity,
+        "num_experts": moe.num_routed_experts,
+        "top_k": moe.top_k,
+        "granularity": sets[0].granularity if sets else 1.0,
         "expert_sets": len(sets),
-        "expert_width": int(round(sets[0]["granularity"] * model["d_ff"])) if sets else model["d_ff"],
-        "shared_experts": moe.get("shared_experts", 0),
-        "shared_granularity": moe.get("shared_granularity", 0.0) if moe.get("shared_experts") else 0.0,
-        "pool_group_size": moe.get("pool_group_size"),
-        "router_scoring": router.get("scoring", "softmax") if sets else None,
-        "router_block_size": router.get("block_size", 1) if sets else None,
-        "router_dtype": router.get("dtype", "float32") if sets else None,
-        "capacity_factor": moe.get("capacity_factor"),
+        "expert_width": int(round(sets[0].granularity * model.d_ff)) if sets else model.d_ff,
+        "shared_experts": moe.shared_experts,
+        "shared_granularity": moe.shared_granularity if moe.shared_experts else 0.0,
+        "pool_group_size": moe.pool_group_size,
+        "router_scoring": router.scoring if sets else None,
+        "router_block_size": router.block_size if sets else None,
+        "router_dtype": router.dtype if sets else None,
+        "capacity_factor": moe.capacity_factor,
         # what happens to tokens over capacity: `drop` or `default_expert`; null when dropless
-        "overflow": moe.get("overflow", "drop") if moe.get("capacity_factor") is not None else None,
-        "aux_weight": balance.get("aux_weight", 0.0) if sets else 0.0,
-        "aux_scope": balance.get("aux_scope") if sets else None,
-        "pool_weight": balance.get("pool_weight", 0.0) if sets else 0.0,
-        "z_weight": balance.get("z_weight", 0.0) if sets else 0.0,
-        "bias_rate": balance.get("bias_rate", 0.0) if sets else 0.0,
-        "d_model": model["d_model"],
-        "n_layers": model["n_layers"],
-        "n_heads": model["n_heads"],
-        "d_ff": model["d_ff"],
-        "vocab_size": model["vocab_size"],
-        "seq_len": model["seq_len"],
-        "lr": train["lr"],
-        "batch_tokens": train["batch_tokens"],
-        "schedule": train["schedule"],
-        "data_source": config["data"]["source"],
-        "tokenizer": config["data"]["tokenizer"],
+        "overflow": moe.overflow if moe.capacity_factor is not None else None,
+        "aux_weight": balance.aux_weight if sets else 0.0,
+        "aux_scope": balance.aux_scope if sets else None,
+        "pool_weight": balance.pool_weight if sets else 0.0,
+        "z_weight": balance.z_weight if sets else 0.0,
+        "bias_rate": balance.bias_rate if sets else 0.0,
+        "d_model": model.d_model,
+        "n_layers": model.n_layers,
+        "n_heads": model.n_heads,
+        "d_ff": model.d_ff,
+        "vocab_size": model.vocab_size,
+        "seq_len": model.seq_len,
+        "lr": train.lr,
+        "batch_tokens": train.batch_tokens,
+        "schedule": train.schedule,
+        "data_source": trial.data.source,
+        "tokenizer": trial.data.tokenizer,
     }
 
 
-def planned_columns(meta: dict[str, Any]) -> dict[str, Any]:
-    """What a trials-table row knows before training: a planned trial's metadata (`trial_meta`)."""
+def planned_columns(planned: PlannedTrial, ray_node_id: str | None = None) -> dict[str, Any]:
+    """What a trials-table row knows before training: the planned trial, and where it runs."""
     row: dict[str, Any] = {
-        "trial_id": meta["trial_id"], "sweep": meta["sweep"], "scale": meta["scale"], "seed": meta["seed"],
-        "method": meta["method"],
+        "trial_id": planned.trial_id, "sweep": planned.sweep, "scale": planned.scale, "seed": planned.seed,
+        "method": planned.method,
     }
-    row.update({_column_name(k): _param_value(v) for k, v in meta["params"].items()})
-    row.update(resolved_columns(meta["config"]))
-    for key in ("active_params", "total_params", "router_params", "flops_per_token", "router_flops_per_token",
-                "train_tokens", "train_flops", "workers", "gpus", "placement", "est_hours", "hardware"):
-        row[key] = meta.get(key)
-    row["config_json"] = json.dumps(meta["config"], sort_keys=True)
+    row.update({_column_name(k): _param_value(v) for k, v in planned.params.items()})
+    row.update(resolved_columns(planned.config))
+    row.update({
+        "active_params": planned.active_params, "total_params": planned.total_params,
+        "router_params": planned.router_params, "flops_per_token": planned.flops_per_token,
+        "router_flops_per_token": planned.router_flops_per_token, "train_tokens": planned.train_tokens,
+        "train_flops": planned.train_flops, "workers": planned.shape.workers, "gpus": planned.shape.gpus,
+        "placement": planned.shape.placement, "est_hours": planned.est_hours, "hardware": planned.hardware,
+    })
+    row["config_json"] = json.dumps(planned.config.to_dict(), sort_keys=True)
     row["node"] = socket.gethostname()
-    row["ray_node_id"] = meta.get("ray_node_id")
+    row["ray_node_id"] = ray_node_id
     return row
 
 

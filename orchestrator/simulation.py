@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moe_core.files import write_json
+from moe_core.files import write_json, write_text
+
+if TYPE_CHECKING:
+    from orchestrator.planned import PlannedTrial
 
 # Longest single sleep: how often a wide trial checks that its placement group still stands.
 POLL_SECONDS = 2.0
@@ -45,9 +48,7 @@ def _checkpoint(folder: Path, step: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step{step:08d}.json"
     write_json(path, {"step": step, "simulated": True})
-    tmp = folder / "latest.tmp"
-    tmp.write_text(path.name)
-    tmp.replace(folder / "latest")  # the pointer moves atomically
+    write_text(folder / "latest", path.name)
     for old in folder.glob("step*.json"):
         if old != path:
             old.unlink(missing_ok=True)
@@ -72,22 +73,21 @@ class _Group:
             raise LostWorkers(f"placement group {self.pg.id.hex()} is {state}: a node of the worker group was lost")
 
 
-def simulate_trial(meta: dict[str, Any], out: Path, scale: float) -> dict[str, Any]:
+def simulate_trial(planned: PlannedTrial, out: Path, scale: float) -> dict[str, Any]:
     from ray import tune
 
     from orchestrator.hardware import HARDWARE
 
-    config = meta["config"]
-    train = config["train"]
-    total_steps = int(meta["train_tokens"] // train["batch_tokens"])
-    eval_every = int(train.get("eval_every") or total_steps) or total_steps
-    ckpt_every = int(train.get("checkpoint_every") or 0)
-    startup = HARDWARE[meta["hardware"]].startup.seconds(meta["workers"]) / 3600
-    step_seconds = max(0.0, meta["est_hours"] - startup) * 3600 * scale / max(1, total_steps)
+    train = planned.config.train
+    total_steps = int(planned.train_tokens // train.batch_tokens)
+    eval_every = int(train.eval_every or total_steps) or total_steps
+    ckpt_every = int(train.checkpoint_every or 0)
+    startup = HARDWARE[planned.hardware].startup.seconds(planned.shape.workers) / 3600
+    step_seconds = max(0.0, planned.est_hours - startup) * 3600 * scale / max(1, total_steps)
     folder = out / "checkpoints"
     start = time.time()
     step, _ = _latest(folder)
-    group = _Group() if meta["workers"] > 1 else None
+    group = _Group() if planned.shape.workers > 1 else None
     _hold(startup * 3600 * scale, group)
     evals = step // eval_every
     last_report = time.time()
@@ -104,9 +104,9 @@ def simulate_trial(meta: dict[str, Any], out: Path, scale: float) -> dict[str, A
         if not is_eval or (step < total_steps and time.time() - last_report < MIN_REPORT_SECONDS):
             continue
         last_report = time.time()
-        tune.report({"moe_trial_id": meta["trial_id"], "moe_sweep": meta["sweep"], "evals": evals, "step": step,
-                     "tokens": step * train["batch_tokens"], "simulated": 1})
-    return {"status": "completed", "steps": total_steps, "tokens": total_steps * train["batch_tokens"],
+        tune.report({"moe_trial_id": planned.trial_id, "moe_sweep": planned.sweep, "evals": evals, "step": step,
+                     "tokens": step * train.batch_tokens, "simulated": 1})
+    return {"status": "completed", "steps": total_steps, "tokens": total_steps * train.batch_tokens,
             "wall_seconds": time.time() - start, "val_loss": None, "val_loss_by_set": {}}
 
 

@@ -37,7 +37,8 @@ from moe_core.errors import ConfigError
 from moe_core.files import write_json
 from orchestrator.live_view import LiveView
 from orchestrator.mlflow_sync import MLflowQueue, MLflowSync, default_uri
-from orchestrator.planner import Plan, PlannedTrial, SweepFile, plan_sweep, sweep_files
+from orchestrator.planned import PlannedTrial
+from orchestrator.planner import Plan, SweepFile, plan_sweep, sweep_files
 from orchestrator.ray_session import auth_token_path, cleanup_orphans, start_ray, stop_ray
 from orchestrator.repair import repair
 from orchestrator.results import (FAILED, RUNNING, STOPPED, TERMINAL, DamagedFile, SweepPaths, read_rows, read_rows_of, trial_row,
@@ -47,7 +48,7 @@ from orchestrator.cluster_model import Job, best_queue, start_gaps
 from orchestrator.cluster_model import queue_key as queue_key_of
 from orchestrator.queue_search import QueueGate, QueueSearcher
 from orchestrator.shapes import TrialShape
-from orchestrator.trial_fn import TrialContext, queue_key, run_trial, split_key, trial_meta
+from orchestrator.trial_fn import TrialContext, queue_key, run_trial, split_key
 
 
 # Tune pickles its run config (callbacks included) into its experiment state; the callback holds
@@ -232,7 +233,7 @@ def run_sweeps(paths: list[str | Path], options: RunOptions, console: Console | 
             if cleaned:
                 console.print(f"stopped {cleaned} Ray processes left by a previous driver of sweep {s.name}")
             _prepare_folder(s.paths, s.sweep, options.restart)
-            repair(s.paths, s.sweep.spec.method, lambda line: console.print(line, soft_wrap=True, markup=False))
+            repair(s.paths, lambda line: console.print(line, soft_wrap=True, markup=False))
             states = trial_states(s.paths)  # read once: 2,000 per-trial files take seconds
             finished = sum(r["status"] in TERMINAL for r in states.values())
             s.pending = [t for t in s.plan.trials if states.get(t.trial_id, {}).get("status") not in TERMINAL]
@@ -442,7 +443,7 @@ def _tune_setup(
     queue, order = queue_order([(s.name, t) for s in sweeps.values() for t in s.pending],
                                ray.cluster_resources().get("GPU", 0.0), options.simulate)
     for name, t in queue:
-        write_json(sweeps[name].paths.plan / f"{t.trial_id}.json", trial_meta(t, sweeps[name].sweep.spec.method))
+        t.write(sweeps[name].paths.plan / f"{t.trial_id}.json")
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _QueueResources(queue))
     on_gpus = any(t.shape.gpus_per_worker for _, t in queue)
     width = {queue_key(name, t.trial_id): t.shape.gpus if on_gpus else t.shape.workers * t.shape.cpus_per_worker

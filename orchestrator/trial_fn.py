@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_core.trial import TrialConfig
+from orchestrator.planned import PlannedTrial
 from orchestrator.results import (FAILED, INFEASIBLE, RUNNING, DamagedFile, SweepPaths, copy_steps, planned_columns,
                                   point_columns, read_rows_of, trial_row, write_row)
 
@@ -54,11 +56,6 @@ def split_key(key: str) -> tuple[str, str]:
     return sweep, trial_id
 
 
-def trial_meta(planned: Any, method: str) -> dict[str, Any]:
-    """A planned trial as the plain dict trials carry and the trials table is built from."""
-    return {**planned.to_dict(), "method": method}
-
-
 def infeasible_id(point: dict[str, Any]) -> str:
     canonical = json.dumps(point, sort_keys=True, default=str)
     return "x" + hashlib.sha256(canonical.encode()).hexdigest()[:11]
@@ -66,14 +63,14 @@ def infeasible_id(point: dict[str, Any]) -> str:
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable."""
-    from orchestrator.planner import Planner, SweepFile
-    from orchestrator.study import Infeasible
-
     if "trial" in config:  # grid / random: the driver wrote the resolved plan
         sweep, tid = split_key(config["trial"])
         paths = SweepPaths(ctx.runs_dir, sweep)
-        meta = json.loads((paths.plan / f"{tid}.json").read_text())
+        planned = PlannedTrial.read(paths.plan / f"{tid}.json")
     else:  # bayes: resolve the sampled point into a FLOP-matched trial here
+        from orchestrator.planner import Planner, SweepFile
+        from orchestrator.study import Infeasible
+
         sweep = next(iter(ctx.sweeps))
         method, sweep_file, seed, names = ctx.sweeps[sweep]
         paths = SweepPaths(ctx.runs_dir, sweep)
@@ -85,8 +82,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             base = point_columns(tid, sweep, method, seed, point)
             write_row(paths.trials / f"{tid}.parquet", trial_row(base, INFEASIBLE, error=str(why)))
             return  # no result: Optuna records the point as pruned, i.e. infeasible
-        meta = trial_meta(planned, method)
-    tid = meta["trial_id"]
+    tid = planned.trial_id
     out = paths.trial_dir(tid)
     file = paths.trials / f"{tid}.parquet"
     try:
@@ -96,11 +92,11 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     attempt = int((before[0].get("attempts") or 0) if before else 0) + 1  # starts of this trial, retries and resumes
     now = time.time()
     first = (before[0].get("first_started_at") if before else None) or now
-    base = planned_columns({**meta, "ray_node_id": _node_id()}) | {
+    base = planned_columns(planned, _node_id()) | {
         "attempts": attempt, "started_at": now, "first_started_at": first, "simulated": ctx.simulate is not None}
     write_row(file, trial_row(base, RUNNING))
     try:
-        summary = _simulate(meta, out, ctx.simulate) if ctx.simulate is not None else _train(meta, out, ctx)
+        summary = _simulate(planned, out, ctx.simulate) if ctx.simulate is not None else _train(planned, out, ctx)
     except Exception as err:  # recorded, then re-raised so Tune applies the retry policy
         copy_steps(paths, tid)
         write_row(file, trial_row(base, FAILED, error=_error_text(err)))
@@ -123,22 +119,22 @@ def _error_text(err: BaseException) -> str:
     return (f"{type(err).__name__}: {err}\n" + "".join(lines[-6:]))[:4000]
 
 
-def _train(meta: dict[str, Any], out: Path, ctx: TrialContext) -> dict[str, Any]:
+def _train(planned: PlannedTrial, out: Path, ctx: TrialContext) -> dict[str, Any]:
     if ctx.noop:  # the overhead bench: before importing torch and the trainer (~2 s a worker)
         from ray import tune
 
-        tune.report({"moe_trial_id": meta["trial_id"], "moe_sweep": meta["sweep"], "evals": 1, "step": 0, "val_loss": 0.0})
+        tune.report({"moe_trial_id": planned.trial_id, "moe_sweep": planned.sweep, "evals": 1, "step": 0,
+                     "val_loss": 0.0})
         return {"status": "completed", "steps": 0, "tokens": 0, "val_loss": 0.0, "val_loss_by_set": {}}
     import torch
 
     from moe_core.train.loop import train_trial
-    from moe_core.trial import TrialConfig
 
-    trial = TrialConfig.from_dict(meta["config"])
-    torch.set_num_threads(max(1, int(meta["cpus_per_worker"])))
-    reporter = TuneReporter(meta["trial_id"], meta["sweep"], trial.train.checkpoint_every, trial.total_steps)
-    if meta["workers"] > 1:
-        return _train_data_parallel(meta, out, reporter)
+    trial = planned.config
+    torch.set_num_threads(max(1, int(planned.shape.cpus_per_worker)))
+    reporter = TuneReporter(planned.trial_id, planned.sweep, trial.train.checkpoint_every, trial.total_steps)
+    if planned.shape.workers > 1:
+        return _train_data_parallel(planned, out, reporter)
     return train_trial(trial, out, callbacks=[reporter]).to_dict()
 
 
@@ -181,40 +177,38 @@ class TuneReporter:
         tune.report(metrics)
 
 
-def _worker_loop(config: dict[str, Any]) -> None:
+def _worker_loop(trial: TrialConfig, out: str, threads: int) -> None:
     """Ranks 1..W-1 of a wide trial (`orchestrator.worker_group`): join the process group, train."""
     import torch
 
     from moe_core.train.distributed import init_from_env
     from moe_core.train.loop import train_trial
-    from moe_core.trial import TrialConfig
 
-    torch.set_num_threads(max(1, config["threads"]))
+    torch.set_num_threads(max(1, threads))
     init_from_env()
-    train_trial(TrialConfig.from_dict(config["trial"]), config["out"])
+    train_trial(trial, out)
 
 
-def _train_data_parallel(meta: dict[str, Any], out: Path, reporter: TuneReporter) -> dict[str, Any]:
+def _train_data_parallel(planned: PlannedTrial, out: Path, reporter: TuneReporter) -> dict[str, Any]:
     """Rank 0 here (reporting to Tune), the other ranks in the trial's placement group."""
     from moe_core.train.distributed import init_from_env
     from moe_core.train.loop import train_trial
-    from moe_core.trial import TrialConfig
     from orchestrator.worker_group import run_group
 
-    trial = TrialConfig.from_dict(meta["config"])
-    config = {"trial": meta["config"], "out": str(out), "threads": int(meta["cpus_per_worker"])}
+    trial, shape = planned.config, planned.shape
 
     def rank0() -> dict[str, Any]:
         init_from_env()
         return train_trial(trial, out, callbacks=[reporter]).to_dict()
 
-    return run_group(meta["workers"], meta["cpus_per_worker"], meta["gpus_per_worker"], _worker_loop, (config,), rank0)
+    args = (trial, str(out), int(shape.cpus_per_worker))
+    return run_group(shape.workers, shape.cpus_per_worker, shape.gpus_per_worker, _worker_loop, args, rank0)
 
 
-def _simulate(meta: dict[str, Any], out: Path, scale: float) -> dict[str, Any]:
+def _simulate(planned: PlannedTrial, out: Path, scale: float) -> dict[str, Any]:
     """`--simulate SCALE`: hold the trial's resources for its planned wall time x SCALE instead of
     training, through the same steps as a real trial (start-up, evaluations reported at the
     planned cadence, checkpoints Tune keeps and a retry resumes from)."""
     from orchestrator.simulation import simulate_trial
 
-    return simulate_trial(meta, out, scale)
+    return simulate_trial(planned, out, scale)

@@ -390,11 +390,57 @@ def test_every_library_trial_has_a_partner_for_each_swept_knob():
     assert not missing, missing[:5]
 
 
+def test_a_planned_trial_reads_back_from_its_plan_file_as_the_same_typed_record(tmp_path):
+    from moe_core.trial import TrialConfig
+    from orchestrator.planned import PlannedTrial
+    from orchestrator.results import planned_columns
+
+    plan = plan_sweep(SWEEPS / "micro" / "dropping.yaml")
+    for t in plan.trials[:4]:
+        t.write(tmp_path / f"{t.trial_id}.json")
+        back = PlannedTrial.read(tmp_path / f"{t.trial_id}.json")
+        assert back == t and isinstance(back.config, TrialConfig) and back.shape == t.shape
+        assert back.method == plan.spec.method
+        assert planned_columns(back) == planned_columns(t)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads((tmp_path / f"{t.trial_id}.json").read_text()), "est_hours": "soon"}))
+    with pytest.raises(ValueError, match="est_hours"):
+        PlannedTrial.read(bad)
+
+
+def test_a_plan_file_written_before_the_record_was_typed_still_gives_its_row(tmp_path):
+    """`repair` rebuilds rows of trials finished long ago from their plan files, which held the
+    plan as a plain dict (the shape's fields inline, the sweep's method added)."""
+    from orchestrator.planned import PlannedTrial
+    from orchestrator.results import planned_columns
+
+    plan = plan_sweep(SWEEPS / "micro" / "dropping.yaml")
+    t = plan.trials[0]
+    old = {k: v for k, v in t.to_dict().items() if k != "method"} | {"method": plan.spec.method}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    back = PlannedTrial.read(tmp_path / "old.json")
+    assert planned_columns(back) == planned_columns(t)
+    assert back.shape.workers == t.shape.workers and back.shape.placement == t.shape.placement
+
+
+def test_resolved_columns_come_from_the_typed_config():
+    from orchestrator.results import resolved_columns
+
+    by = {t.params.get("moe.layout", t.config.model.moe.layout): (t.config.model, resolved_columns(t.config))
+          for t in plan_sweep(SWEEPS / "micro" / "unipool.yaml").trials}
+    for model, row in by.values():
+        assert row["sparsity"] == model.sparsity and row["layout"] == model.moe.layout
+        assert row["num_experts"] == model.moe.num_routed_experts and row["top_k"] == model.moe.top_k
+    unipool = next(m for m, _ in by.values() if m.moe.layout == "unipool")
+    per_layer = unipool.moe.num_routed_experts * unipool.num_pools / len(unipool.moe_layers)
+    assert unipool.sparsity == per_layer / unipool.moe.top_k
+
+
 def test_result_columns_say_how_overflow_was_handled():
     from orchestrator.results import TRIALS_SCHEMA, resolved_columns
 
     plan = plan_sweep(SWEEPS / "micro" / "dropping.yaml")
-    by = {t.params["routing"]: resolved_columns(t.config.to_dict()) for t in plan.trials if t.seed == 0}
+    by = {t.params["routing"]: resolved_columns(t.config) for t in plan.trials if t.seed == 0}
     assert (by["dropless"]["capacity_factor"], by["dropless"]["overflow"]) == (None, None)
     assert (by["drop_1_0"]["capacity_factor"], by["drop_1_0"]["overflow"]) == (1.0, "drop")
     assert (by["default_1_0"]["capacity_factor"], by["default_1_0"]["overflow"]) == (1.0, "default_expert")
