@@ -22,9 +22,10 @@ its actors instead of starting new ones at every change of shape). Both pull sho
 forward when one start per `start_gap` would make the driver, not the GPUs, set the tail: never
 at real speed (a start is ~0.2 s, a trial minutes to days), but in a simulation that compresses
 a day into seconds (`start_gaps`). Against the simulated study on 8 x 8 fake GPUs
-(bench/cluster_schedule.py): with actors counted the model predicts 1.087x the bound and 107
-actors for widest first; the run measured 1.093x with 106 processes once Tune stopped killing
-starting actors (`actor_reuse.py`; before, 1.14-1.26x with 112-394). What the model does not
+(bench/cluster_schedule.py): with actors counted the model predicts 1.064x the bound and 107
+actors for widest first (staggered, see `widest_first`); the run measured 1.078x with 107
+processes once Tune stopped killing starting actors (`actor_reuse.py`; before, 1.14-1.26x with
+112-394). What the model does not
 know is how Tune's actor cache behaves while trials of several shapes wait (it keeps fewer
 actors than here).
 """
@@ -87,27 +88,43 @@ def queue_key(hours: float, gpus: float, node_gpus: float) -> tuple:
     return (gpus < node_gpus, -hours, -gpus)
 
 
-def longest_first(jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start_gap: float = 0.0) -> list[Job]:
+def longest_first(
+    jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start_gap: float = 0.0, process_gap: float = 0.0
+) -> list[Job]:
     """Whole-node trials first, then the rest; longest first within each (`queue_key`), short
-    ones pulled forward as far as `start_gap` needs (`_pace`)."""
+    ones pulled forward as far as `start_gap` needs (`_pace`). (`process_gap` is unused here:
+    every order of `ORDERS` takes the same arguments.)"""
     ordered = sorted(jobs, key=lambda j: queue_key(j.hours, j.gpus, node_gpus))
     wide = [j for j in ordered if j.gpus >= node_gpus]
     return wide + _pace(ordered[len(wide):], gpus, start_gap)
 
 
-def widest_first(jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start_gap: float = 0.0) -> list[Job]:
-    """One width after another, widest first; within a width longest first, short ones pulled
-    forward as far as `start_gap` needs (`_pace`). Few changes of shape: Tune reuses a finished
+def widest_first(
+    jobs: Iterable[Job], node_gpus: float = 8, gpus: int = 1, start_gap: float = 0.0, process_gap: float = 0.0
+) -> list[Job]:
+    """One width after another, widest first. Few changes of shape: Tune reuses a finished
     trial's actor only for a trial of the same shape, and every new actor is a process to start.
-    (A ramp between widths, so that a simulation's new actors start while the old width still
-    runs, looked better in this model but churned actors on the cluster: with mixed shapes
-    waiting, at most the look-ahead of them, Tune killed most finished actors. So did every width
-    but the last going shortest first, so that its trials end spread out (model 1.064x, measured
-    1.216x with 394 processes): short trials ending while new actors start make Tune hand its
-    cached actors to trials whose own new actor is already starting, which it then kills.)"""
+
+    The narrowest width goes longest first, short ones pulled forward as far as `start_gap`
+    needs (`_pace`): its trials set the tail. Where new actors cost time (`process_gap` > 0: a
+    simulation, whose whole cluster starts its processes on one machine), every other width goes
+    shortest first, so that its last trials are its longest and end spread out: the next width's
+    actors (64 one-GPU ones after the two-GPU trials, in the study) then start a few at a time
+    while the rest still run, not all at once on idle GPUs. Measured on the simulated study
+    (bench/cluster_schedule.py, 8 x 8): 1.078x the bound (model 1.064), against 1.093x (model
+    1.087) with every width longest first. (A ramp between widths, the next width's trials
+    mixed into the previous one's last, looked better still in this model but churned actors on
+    the cluster: with mixed shapes waiting, at most the look-ahead of them, Tune killed most
+    finished actors.)"""
+    jobs = list(jobs)
+    widths = sorted({j.gpus for j in jobs}, reverse=True)
     out: list[Job] = []
-    for width in sorted({j.gpus for j in jobs}, reverse=True):
-        out += _pace(sorted((j for j in jobs if j.gpus == width), key=lambda j: -j.hours), gpus, start_gap)
+    for width in widths:
+        group = [j for j in jobs if j.gpus == width]
+        if process_gap > 0 and width != widths[-1]:
+            out += sorted(group, key=lambda j: j.hours)
+        else:
+            out += _pace(sorted(group, key=lambda j: -j.hours), gpus, start_gap)
     return out
 
 
@@ -148,7 +165,7 @@ def best_queue(
     first), with its schedule."""
     best: tuple[str, list[Job], Schedule] | None = None
     for name, order in ORDERS.items():
-        queue = order(jobs, gpus_per_node, nodes * gpus_per_node, start_gap)
+        queue = order(jobs, gpus_per_node, nodes * gpus_per_node, start_gap, process_gap)
         s = simulate(queue, nodes, gpus_per_node, start_gap=start_gap, process_gap=process_gap)
         if best is None or s.makespan < best[2].makespan - 1e-9:
             best = (name, queue, s)

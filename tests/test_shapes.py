@@ -146,6 +146,22 @@ def test_queue_paces_short_trials_only_when_the_driver_would_set_the_tail():
         simulate(longest_first(jobs, 8, 8, 0.0), 1, 8, start_gap=slow).makespan - 0.2
 
 
+def test_where_actors_cost_time_every_width_but_the_last_ends_spread_out():
+    mixed = _jobs(60, (0.5, 3.0), (1, 2))
+    real = widest_first(mixed, 8, 8)
+    staggered = widest_first(mixed, 8, 8, 0.0, 0.05)
+    for queue, two_gpu_order in ((real, -1), (staggered, 1)):
+        two = [j.hours for j in queue if j.gpus == 2]
+        one = [j.hours for j in queue if j.gpus == 1]
+        assert [j.gpus for j in queue] == sorted((j.gpus for j in queue), reverse=True)
+        assert two == sorted(two, reverse=two_gpu_order < 0)  # real speed: longest first
+        assert one == sorted(one, reverse=True)  # the last width sets the tail: longest first
+    # 16 one-GPU actors to start at the switch: spread out, they wait less on idle GPUs.
+    plain = [*sorted((j for j in mixed if j.gpus == 2), key=lambda j: -j.hours),
+             *sorted((j for j in mixed if j.gpus == 1), key=lambda j: -j.hours)]
+    assert simulate(staggered, 2, 8, process_gap=0.05).makespan < simulate(plain, 2, 8, process_gap=0.05).makespan
+
+
 def test_best_queue_is_the_order_the_model_finishes_first():
     mixed = _jobs(60, (0.5, 3.0), (1, 2))
     widths = [j.gpus for j in widest_first(mixed, 8, 8)]
