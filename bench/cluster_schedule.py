@@ -205,9 +205,10 @@ def main() -> None:
     try:
         (runs / "first_start").write_text(repr(time.time()))
         driver = run_driver(folder, cluster.cluster.address, runs, scale)
+        lost = 0.0  # GPU-seconds the removed nodes were gone
         if args.faults:
             expected = model.makespan * 3600 * scale
-            _faults(driver, cluster, folder, runs, scale, expected)
+            lost = _faults(driver, cluster, folder, runs, scale, expected) * per_node
         else:
             driver.wait()
         starts = cluster.process_starts()
@@ -221,14 +222,19 @@ def main() -> None:
     print(f"Ray worker processes started: {len(starts)} for {trials} trials (each a trial actor, reused while a trial of its shape "
           f"waits; the model: {model.actors})")
     print(f"exactly once: {rows} rows for {trials} trials ({done} completed once each, {retried} started more than once)")
+    if args.faults:  # the same work on the GPUs the cluster had: no schedule ends sooner than this
+        lost_h = lost / scale / 3600
+        present = max(schedule.longest, (schedule.gpu_hours + lost_h) / gpus)
+        print(f"bound on the GPUs present ({lost_h:,.0f} GPU-h gone with the 2 nodes): {present:.1f} h, "
+              f"makespan/bound on the GPUs present {schedule.makespan / present:.3f}")
     print(f"makespan/bound: today {old.ratio:.3f}, new {schedule.ratio:.3f}{' with faults' if args.faults else ''} "
           f"(model {model.ratio:.3f}); planned GPU-hours today {old.gpu_hours:,.0f}, new {model.gpu_hours:,.0f}")
     print(f"results: {runs}")
 
 
-def _faults(driver: subprocess.Popen, cluster: SimCluster, folder: str, runs: Path, scale: float, expected: float) -> None:
+def _faults(driver: subprocess.Popen, cluster: SimCluster, folder: str, runs: Path, scale: float, expected: float) -> float:
     """Remove 2 nodes at 25% of the expected run, kill the driver at 40%, restart it at once,
-    add the nodes back at 60%."""
+    add the nodes back at 60%. Returns node-seconds the cluster was without them."""
     start = time.time()
 
     def at(fraction: float) -> None:
@@ -236,7 +242,8 @@ def _faults(driver: subprocess.Popen, cluster: SimCluster, folder: str, runs: Pa
 
     at(0.25)
     cluster.remove(2)
-    print(f"[{time.time() - start:.0f} s] removed 2 nodes", flush=True)
+    removed = time.time()
+    print(f"[{removed - start:.0f} s] removed 2 nodes", flush=True)
     at(0.40)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -244,8 +251,10 @@ def _faults(driver: subprocess.Popen, cluster: SimCluster, folder: str, runs: Pa
     driver = run_driver(folder, cluster.cluster.address, runs, scale)
     at(0.60)
     cluster.workers += [cluster.add(), cluster.add()]
-    print(f"[{time.time() - start:.0f} s] added 2 nodes back", flush=True)
+    back = time.time()
+    print(f"[{back - start:.0f} s] added 2 nodes back", flush=True)
     driver.wait()
+    return 2 * (back - removed)
 
 
 if __name__ == "__main__":

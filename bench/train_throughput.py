@@ -14,6 +14,11 @@ Variants: dense, MoE g=1/4 n=32 k=4 and MoE g=1/8 n=64 k=8 (k * g = 1: the dense
 
 Prints a line per (mode, variant) with tokens/s and MFU (and, compiled, the graphs dynamo compiled,
 recompiles and graph breaks), then `ratio` lines: each MoE's tokens/s over dense's, per mode.
+In eager mode a `layers` line per MoE point follows: its MoE FFN and the dense SwiGLU timed alone
+(forward and backward, alternating, `bench/moe_layer.py`'s way) at the trainer's own shape (one
+micro-batch of tokens), and the ratio the trainer would reach if the MoE layers' extra time were
+the only difference (dense step + layers x micro-batches x extra): where it matches the measured
+ratio, nothing outside the MoE layers costs the MoE anything.
 Goals: CPU MoE at 0.85x of dense or better; the GPU numbers to beat are in shared/gpu/README.md.
 """
 
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -32,6 +39,9 @@ from moe_core.data.config import DataConfig
 from moe_core.data.tokens import prepare_tokens
 from moe_core.train.loop import train_trial
 from moe_core.trial import TrialConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import moe_layer as ml  # the layer bench beside this one
 
 # Per-device defaults: CPU keeps the small model; CUDA is the trainer size of the GPU evidence.
 SIZES = {
@@ -187,6 +197,36 @@ def main() -> None:
         for name in runs:
             if name != "dense" and name in medians and "dense" in medians:
                 print(f"ratio {mode:8s} {name} / dense {medians[name] / medians['dense']:.2f}x", flush=True)
+        if mode == "eager" and "dense" in medians:
+            for (g, n, k), name in zip(parse_points(args.points), [r for r in runs if r != "dense"]):
+                print(layers_line(args, g, n, name, medians), flush=True)
+
+
+def layers_line(args: argparse.Namespace, g: str, n: int, name: str, medians: dict[str, float]) -> str:
+    """The MoE FFN against the dense SwiGLU alone at the trainer's micro-batch shape, and the
+    trainer ratio their difference alone predicts (`medians`: tokens/s by variant)."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the trainer computes in
+    tokens = args.micro_batch * args.seq_len
+    torch.manual_seed(0)
+    dense = ml.SwiGLU(args.d_model, args.d_ff).to(device=device, dtype=dtype)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    dense.params = list(dense.parameters())
+    x = torch.randn(tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    moe = ml.moe_layer(args.d_model, args.d_ff, g, n, args.backend, device, dtype, args.router_dtype)
+    times, errors = ml.time_cases({"dense": ml.layer_step(dense, x, grad), "moe": ml.layer_step(moe, x, grad)},
+                                  device, 5, 1)
+    if errors:
+        return f"layers   {name}  ERROR {errors}"
+    t_dense, t_moe = statistics.median(times["dense"]), statistics.median(times["moe"])
+    micro = args.batch_tokens // tokens  # micro-batches per step (one worker)
+    dense_step = args.batch_tokens / medians["dense"]
+    predicted = dense_step / (dense_step + args.layers * micro * (t_moe - t_dense) / 1e3)
+    measured = f", measured {medians[name] / medians['dense']:.2f}x" if name in medians else ""
+    return (f"layers   {name}  T={tokens}: dense FFN {t_dense:.1f} ms, MoE FFN {t_moe:.1f} ms "
+            f"({t_moe / t_dense:.2f}x); the MoE layers alone predict {predicted:.2f}x{measured}")
 
 
 if __name__ == "__main__":
