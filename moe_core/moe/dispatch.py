@@ -140,6 +140,19 @@ def sort_with_overflow(ids_TK: torch.Tensor, num_experts: int, cap: int) -> Disp
     return replace(grouped, routed_E=capped.routed_E, kept_E=capped.kept_E, default_rows=default_rows)
 
 
+def dispatch_pairs(local_TK: torch.Tensor, num_experts: int, ratio: tuple[int, int] | None,
+                   overflow_to_default: bool = False) -> Dispatch:
+    """One expert set's pairs sorted by expert (`local_TK`: ids within the set): all of them
+    when dropless (`ratio` None), else with the capacity the ratio gives (`capacity_ratio`),
+    the pairs over it dropped or, with a default expert, computed by it (group `num_experts`)."""
+    if ratio is None:
+        return sort_by_expert(local_TK, num_experts)
+    cap = capacity(ratio, local_TK.shape[0], local_TK.shape[1], num_experts)
+    if overflow_to_default:
+        return sort_with_overflow(local_TK, num_experts, cap)
+    return sort_by_expert(local_TK, num_experts, cap)
+
+
 def _sum_pairs(rows_PD: torch.Tensor, row_P: torch.Tensor, num_tokens: int, fused: bool) -> torch.Tensor:
     """Each token's sum over its K rows: back to slot-major order by a gather, then a sum over
     slots. Deterministic (no atomics); accumulates in float32 for low-precision rows. `fused`

@@ -25,11 +25,10 @@ from torch import nn
 
 from moe_core.config import ModelConfig
 from moe_core.layers import SwiGLU
-from moe_core.moe.dispatch import Dispatch, capacity, capacity_ratio, sort_by_expert, sort_with_overflow
+from moe_core.moe.dispatch import Dispatch, capacity_ratio, dispatch_pairs
 from moe_core.moe.experts import backend_for
 from moe_core.moe.parts import LayerRouting, MoEParts, compute_dtype
 from moe_core.moe.router import (
-    SetSlice,
     balance_probs,
     expert_sets,
     gate_values,
@@ -93,22 +92,13 @@ class MoEFFN(nn.Module):
         y_TD = None if self.shared is None else self.shared(x_TD)
         dispatches = []
         for s, w in zip(self.sets, weights):
-            dispatch = self._dispatch(ids_TK[:, s.slots] - s.offset, s)
+            dispatch = dispatch_pairs(ids_TK[:, s.slots] - s.offset, s.num_experts, self.capacity_ratio,
+                                      self.overflow_to_default)
             y_set = backend_for(self.backend, x_TD.device)(w, x_TD, dispatch, gates_TK[:, s.slots])
             y_TD = y_set.to(x_TD.dtype) if y_TD is None else y_TD + y_set
             dispatches.append(dispatch)
         self.parts.report(self._report(logits_TN, scores_TN, ids_TK, dispatches))
         return y_TD.view_as(x_BSD)
-
-    def _dispatch(self, local_TK: torch.Tensor, s: SetSlice) -> Dispatch:
-        """The set's pairs sorted by expert; with a capacity, the pairs over it dropped or, with a
-        default expert, computed by it (group `num_experts`)."""
-        if self.capacity_ratio is None:
-            return sort_by_expert(local_TK, s.num_experts)
-        cap = capacity(self.capacity_ratio, local_TK.shape[0], s.top_k, s.num_experts)
-        if self.overflow_to_default:
-            return sort_with_overflow(local_TK, s.num_experts, cap)
-        return sort_by_expert(local_TK, s.num_experts, cap)
 
     def _probe_route(self, scores_TN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing probe's experts, drawn at random (`ProbeSpec`), and their gates."""
