@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from moe_core import ModelConfig, build_model
 from moe_core.errors import ConfigError
-from moe_core.moe.dispatch import sort_by_expert, sort_with_overflow
+from moe_core.moe.dispatch import capacity_ratio, dispatch_pairs, sort_by_expert, sort_with_overflow
 from moe_core.moe.router import select_experts
 from moe_core.sync_audit import SyncAudit
 from tests.conftest import TINY, experts, layer_forward, tiny
@@ -156,6 +156,22 @@ def test_overflow_is_relabelled_to_the_default_expert_and_grouped_last():
     assert all(torch.all(d.pair_P[s:e].diff() > 0) for s, e in ((0, 3), (3, 6), (6, 12)))
     # The same pairs overflow as plain dropping drops.
     assert torch.equal(ids_out != 2, sort_by_expert(ids, 2, 3).keep_mask_TK())
+
+
+def test_a_layers_dispatch_follows_its_capacity_rule():
+    """The hand example above through `dispatch_pairs`, the layer's one call: CF 1 gives
+    C = ceil(6 * 2 / 2) = 6 (nothing over it), CF 0.5 gives C = 3 (six pairs dropped, or six
+    computed by the default expert), no CF keeps all 12 pairs."""
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0], [0, 1], [1, 0]])
+    dropless = dispatch_pairs(ids, 2, None)
+    assert dropless.keep_P is None and dropless.computed_G.tolist() == [6, 6]
+    assert int(dispatch_pairs(ids, 2, capacity_ratio(1.0)).num_dropped) == 0
+    dropped = dispatch_pairs(ids, 2, capacity_ratio(0.5))
+    assert dropped.kept_E.tolist() == [3, 3] and int(dropped.num_dropped) == 6
+    assert torch.equal(dropped.keep_mask_TK(), sort_by_expert(ids, 2, 3).keep_mask_TK())
+    overflow = dispatch_pairs(ids, 2, capacity_ratio(0.5), overflow_to_default=True)
+    assert overflow.computed_G.tolist() == [3, 3, 6] and int(overflow.num_dropped) == 0
+    assert torch.equal(overflow.ids_TK, sort_with_overflow(ids, 2, cap=3).ids_TK)
 
 
 def test_statistics_report_the_overflow_and_balance_counts_the_router_choices():
