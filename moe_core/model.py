@@ -8,15 +8,14 @@ MoE layouts (see `MoEConfig`):
 and, for either, MoE layer i is scored by router i // B (PathMoE; B = 1 is independent routing).
 Pools and routers live in `model.pools` / `model.routers`, so a shared one has a single storage
 and sums the gradients of every layer that uses it; `model.parts` (`moe/parts.py`) hands each
-layer its router and its pool's weights, cast once per forward, and collects the layers' routing
-records, from which the forward adds the balance terms.
+layer its router and its pool's weights, cast once per forward, collects the layers' routing
+records and turns them into the balance terms the forward adds to the loss.
 
 A block calls its FFN the same way whether it is dense or MoE: `x + ffn(norm(x))`.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -29,9 +28,9 @@ from torch.utils.checkpoint import checkpoint
 from moe_core.config import ModelConfig
 from moe_core.errors import ConfigError
 from moe_core.layers import Attention, Rotary, SwiGLU
-from moe_core.moe.layer import MoEFFN, ProbeSpec, updates_state
+from moe_core.moe.layer import MoEFFN, ProbeSpec
 from moe_core.moe.parts import ExpertPool, LayerRouting, MoEParts
-from moe_core.moe.router import Router, load_fraction, switch_loss
+from moe_core.moe.router import Router
 from moe_core.moe.stats import summarize_routing
 
 
@@ -102,7 +101,7 @@ class MoETransformer(nn.Module):
             Router(cfg.d_model, tuple((s.num_experts, s.top_k) for s in moe.experts), moe.router)
             for _ in range(cfg.num_routers)
         )
-        self.parts = MoEParts(pools, routers, {layer: i // group for layer, i in moe_index.items()})
+        self.parts = MoEParts(pools, routers, {layer: i // group for layer, i in moe_index.items()}, moe)
         blocks, moe_layers = [], []
         for layer in range(cfg.n_layers):
             if layer in moe_index:
@@ -137,7 +136,7 @@ class MoETransformer(nn.Module):
         records = self.parts.end()
         x_BSD = self.norm(x_BSD)
         logits = F.linear(x_BSD, self.embed.weight) if self.head is None else self.head(x_BSD)
-        out = ModelOutput(logits=logits, balance=self._balance_terms(records))
+        out = ModelOutput(logits=logits, balance=self.parts.balance_terms(records))
         if targets_BS is not None:
             out.ce = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
             out.loss = out.ce + sum(out.balance.values(), torch.zeros((), device=logits.device))
@@ -147,43 +146,6 @@ class MoETransformer(nn.Module):
     def last_routing(self) -> list[LayerRouting]:
         """The latest forward's routing records, detached (`MoEParts.end`)."""
         return self.parts.last_routing
-
-    def _balance_terms(self, records: list[LayerRouting]) -> dict[str, torch.Tensor]:
-        """Weighted balance losses, each averaged over layers so weights mean the same at any depth."""
-        if not records:
-            return {}
-        bal = self.cfg.moe.balance
-        terms = {}
-        if bal.aux_weight > 0:
-            terms["aux"] = bal.aux_weight * torch.stack([r.aux for r in records]).mean()
-        if bal.z_weight > 0:
-            terms["z"] = bal.z_weight * torch.stack([r.z for r in records]).mean()
-        if bal.pool_weight > 0:
-            terms["pool"] = bal.pool_weight * self._pool_loss(records)
-        return terms
-
-    def _pool_loss(self, records: list[LayerRouting]) -> torch.Tensor:
-        """UniPool: alpha * M * sum_i fbar_i * Pbar_i per pool, fbar from the previous micro-batch,
-        summed over pools (grouped pools: each group's loss at the full alpha, as the official code
-        keeps one accumulator per group and adds them).
-
-        fbar (layer-averaged loads) is detached and one micro-batch old, so the loss trains only the
-        routers; the first micro-batch has no previous loads and contributes zero.
-        """
-        sets = self.moe_layers[0].sets
-        by_pool: dict[int, list[LayerRouting]] = defaultdict(list)
-        for r in records:
-            by_pool[r.pool].append(r)
-        losses = []
-        for pid, recs in by_pool.items():
-            pool = self.pools[pid]
-            mean_p = torch.stack([r.mean_p_N for r in recs]).mean(dim=0)
-            # prev_load_N starts at zero, so the first micro-batch's loss is exactly zero.
-            losses.append(switch_loss(pool.prev_load_N.clone(), mean_p, sets))
-            if updates_state(self):
-                f_now = torch.stack([load_fraction(r.routed_N, r.num_tokens, sets) for r in recs]).mean(dim=0)
-                pool.prev_load_N.copy_(f_now)
-        return torch.stack(losses).sum()
 
     @torch.no_grad()
     def finish_step(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:

@@ -131,13 +131,14 @@ def test_cpu_autocast_runs_the_fast_path_in_bfloat16():
 @pytest.mark.parametrize("dtype", ["float32", "compute"])
 def test_router_logits_matmul_runs_in_the_configured_dtype_and_the_rest_in_float32(dtype):
     from moe_core.config import RouterConfig
+    from moe_core.moe.parts import compute_dtype
     from moe_core.moe.router import Router
 
     router = Router(32, ((8, 2),), RouterConfig(dtype=dtype))
     torch.nn.init.normal_(router.weight_ND, std=0.3)
     x = torch.randn(10, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, scores = router(x)
+        logits, scores = router(x, compute_dtype(x))  # as the layer hands it the compute dtype
     assert logits.dtype == scores.dtype == torch.float32
     operands = torch.float32 if dtype == "float32" else torch.bfloat16
     expected = (x.to(operands) @ router.weight_ND.to(operands).t()).float()
@@ -145,6 +146,19 @@ def test_router_logits_matmul_runs_in_the_configured_dtype_and_the_rest_in_float
     assert torch.equal(scores, expected.softmax(dim=-1))
     # Without autocast the compute dtype is x's: a float32 model routes the same either way.
     assert torch.equal(router(x)[0], x @ router.weight_ND.t())
+
+
+def test_a_layer_hands_its_router_the_compute_dtype():
+    """The layer takes the compute dtype once (autocast's, else x's) and gives it to the router,
+    so `router.dtype: compute` logits use bfloat16 operands in a model under autocast."""
+    model = build_model(tiny({"layout": "layerwise", "experts": [experts(4, 2)], "router": {"dtype": "compute"}}))
+    seen = []
+    model.routers[0].register_forward_hook(lambda mod, args, out: seen.append(args[1]))
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx)
+    model(idx)
+    assert seen == [torch.bfloat16, torch.float32]
 
 
 def test_expert_sets_are_summed_in_the_residual_dtype_under_autocast():

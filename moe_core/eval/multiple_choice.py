@@ -67,7 +67,7 @@ def score_choices(
     lm-eval-harness has no answer for it) rather than failing the whole evaluation.
 
     The model runs in eval mode without autograd, which is what keeps the MoE layers' counters,
-    loss-free biases and pool loads untouched (`moe.layer.updates_state`), exactly as the
+    loss-free biases and pool loads untouched (`moe.router.updates_state`), exactly as the
     trainer's `evaluate`; its training mode is restored afterwards. Inputs go to `device`
     (default: where the model's parameters are). Wrap the call in `torch.autocast` to score in
     reduced precision; log-softmax always runs in float32.

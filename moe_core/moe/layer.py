@@ -38,14 +38,9 @@ from moe_core.moe.router import (
     select_experts,
     switch_loss,
     update_loss_free_bias,
+    updates_state,
     z_loss,
 )
-
-
-def updates_state(module: nn.Module) -> bool:
-    """Loads, usage and pool statistics change only in a training forward with autograd on:
-    never in eval mode, and never in a no_grad validation pass that forgot `model.eval()`."""
-    return module.training and torch.is_grad_enabled()
 
 
 @dataclass(frozen=True)
@@ -79,13 +74,16 @@ class MoEFFN(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        logits_TN, scores_TN = self.parts.routers[self.router](x_TD)
+        # The compute dtype: the pool's weights (cast once per forward for all its layers) and,
+        # with `router.dtype: compute`, the router's logits use it.
+        dtype = compute_dtype(x_TD)
+        weights = self.parts.weights(self.pool, self.layer, dtype)
+        logits_TN, scores_TN = self.parts.routers[self.router](x_TD, dtype)
         if self.probe is None:
             bias = self.bias_N if self.balance.bias_rate > 0 else None
             ids_TK, gates_TK = select_experts(scores_TN, self.sets, bias, self.router_cfg.renormalize)
         else:
             ids_TK, gates_TK = self._probe_route(scores_TN)
-        weights = self.parts.weights(self.pool, self.layer, compute_dtype(x_TD))
 
         # The sets' outputs are summed in x's dtype (float32 under autocast), as if added to a
         # zero tensor of x's dtype, without writing and reading that tensor.

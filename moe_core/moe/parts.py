@@ -11,8 +11,9 @@ holds them for the layers and keeps a forward's state between `begin` and `end`:
   UniPool pool used by L layers so keeps one copy for backward, not L. The layers recomputed in
   the backward (activation checkpointing, last layer first) cast it again, once, and drop it
   after the pool's first layer;
-- each layer's routing record (`report`), which the model turns into its balance terms and
-  routing statistics. Only records of the forward count, never of a recomputation.
+- each layer's routing record (`report`), from which `balance_terms` gives the model the
+  forward's weighted balance losses (and `model.routing_stats` its statistics). Only records of
+  the forward count, never of a recomputation.
 
 Casting to the compute dtype happens here and nowhere else: the layer takes `compute_dtype`
 once, casts x, and hands the dtype to its router (whose logits may use it) and to `weights`.
@@ -20,13 +21,15 @@ once, casts x, and hands the dtype to its router (whose logits may use it) and t
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
 
-from moe_core.config import ModelConfig
+from moe_core.config import ModelConfig, MoEConfig
 from moe_core.moe.experts import ExpertBank, ExpertWeights
+from moe_core.moe.router import expert_sets, load_fraction, switch_loss, updates_state
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -121,8 +124,10 @@ class MoEParts:
     """The model's pools and routers, and one forward's casts and routing records (see the module
     docstring). Not a module: the model registers `pools` and `routers` itself."""
 
-    def __init__(self, pools: nn.ModuleList, routers: nn.ModuleList, pool_of_layer: dict[int, int]) -> None:
+    def __init__(self, pools: nn.ModuleList, routers: nn.ModuleList, pool_of_layer: dict[int, int],
+                 moe: MoEConfig) -> None:
         self.pools, self.routers = pools, routers
+        self.balance, self.sets = moe.balance, expert_sets(moe.experts)
         # When a pool's cast is no longer needed: after its last layer in a forward, after its
         # first in a recomputation (the backward runs the layers in reverse).
         self.last_layer = {pool: layer for layer, pool in sorted(pool_of_layer.items())}
@@ -159,3 +164,39 @@ class MoEParts:
         if self._records is not None:
             self._records.append(record)
 
+    def balance_terms(self, records: list[LayerRouting]) -> dict[str, torch.Tensor]:
+        """A forward's weighted balance losses from its layers' records, each averaged over layers
+        so a weight means the same at any depth."""
+        if not records:
+            return {}
+        bal = self.balance
+        terms = {}
+        if bal.aux_weight > 0:
+            terms["aux"] = bal.aux_weight * torch.stack([r.aux for r in records]).mean()
+        if bal.z_weight > 0:
+            terms["z"] = bal.z_weight * torch.stack([r.z for r in records]).mean()
+        if bal.pool_weight > 0:
+            terms["pool"] = bal.pool_weight * self._pool_loss(records)
+        return terms
+
+    def _pool_loss(self, records: list[LayerRouting]) -> torch.Tensor:
+        """UniPool: alpha * M * sum_i fbar_i * Pbar_i per pool, fbar from the previous micro-batch,
+        summed over pools (grouped pools: each group's loss at the full alpha, as the official code
+        keeps one accumulator per group and adds them).
+
+        fbar (layer-averaged loads) is detached and one micro-batch old, so the loss trains only the
+        routers; the first micro-batch has no previous loads and contributes zero.
+        """
+        by_pool: dict[int, list[LayerRouting]] = defaultdict(list)
+        for r in records:
+            by_pool[r.pool].append(r)
+        losses = []
+        for pid, recs in by_pool.items():
+            pool = self.pools[pid]
+            mean_p = torch.stack([r.mean_p_N for r in recs]).mean(dim=0)
+            # prev_load_N starts at zero, so the first micro-batch's loss is exactly zero.
+            losses.append(switch_loss(pool.prev_load_N.clone(), mean_p, self.sets))
+            if updates_state(pool):
+                f_now = torch.stack([load_fraction(r.routed_N, r.num_tokens, self.sets) for r in recs]).mean(dim=0)
+                pool.prev_load_N.copy_(f_now)
+        return torch.stack(losses).sum()

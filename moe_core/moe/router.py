@@ -1,11 +1,12 @@
 """Routing: score every routed expert of a layer, pick each expert set's top-k, and the
-load-balancing terms on those scores (Switch loss, UniPool pool loss, router z-loss, loss-free
-bias update).
+load-balancing formulas on those scores (the Switch form, which the aux loss and UniPool's pool
+loss share: `parts.MoEParts.balance_terms` weighs them; router z-loss; loss-free bias update).
 
 Shape legend: T tokens, D model dim, N routed experts (all sets), K chosen experts per token.
 Router math runs in float32 whatever the autocast dtype: the gates and balance statistics are
 small but their rounding steers which expert a token reaches. The logits' matmul may instead run
-in the compute dtype (`RouterConfig.dtype: compute`), its result taken to float32 at once.
+in the compute dtype (`RouterConfig.dtype: compute`, the dtype the layer hands the router), its
+result taken to float32 at once.
 
 With several expert sets (heterogeneous MoE) each set is balanced on its own, since a uniform
 load means something different for sets of different (n, k): the Switch form
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_core.config import RouterConfig
-from moe_core.moe.parts import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,10 @@ class Router(nn.Module):
             self.sigma = nn.Parameter(torch.ones(()))
             self.register_buffer("norm_const", torch.tensor(norm_router_constant(sets)))
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits_TN, scores_TN), both float32."""
-        dtype = torch.float32 if self.cfg.dtype == "float32" else compute_dtype(x_TD)
+    def forward(self, x_TD: torch.Tensor, compute: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits_TN, scores_TN), both float32. `compute`: the layer's compute dtype
+        (`parts.compute_dtype`; None: x's), which the logits' matmul uses with `dtype: compute`."""
+        dtype = torch.float32 if self.cfg.dtype == "float32" else (compute or x_TD.dtype)
         with torch.autocast(x_TD.device.type, enabled=False):
             logits = (x_TD.to(dtype) @ self.weight_ND.to(dtype).t()).float()
             if self.cfg.scoring == "softmax":
@@ -167,6 +168,12 @@ def random_experts(
 
 
 # -- load balancing --------------------------------------------------------------------------------
+def updates_state(module: nn.Module) -> bool:
+    """Loads, usage and pool statistics change only in a training forward with autograd on:
+    never in eval mode, and never in a no_grad validation pass that forgot `model.eval()`."""
+    return module.training and torch.is_grad_enabled()
+
+
 def balance_probs(scores_TN: torch.Tensor, scoring: str, sets: tuple[SetSlice, ...]) -> torch.Tensor:
     """The per-token distribution P the balance losses average.
 

@@ -2,7 +2,7 @@
 multiple-choice tasks, and the routing probe (one deeper layer routed at random at a time).
 
 All of it runs in eval mode without autograd, which leaves the MoE layers' counters, loss-free
-biases and pool loads as training left them (`moe.layer.updates_state`).
+biases and pool loads as training left them (`moe.router.updates_state`).
 """
 
 from __future__ import annotations
