@@ -63,14 +63,16 @@ def train_device(choice: str) -> torch.device:
 
 
 def _optimizer(model: torch.nn.Module, trial: TrialConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, norm gains and scalars do not."""
+    """AdamW; matrices decay, norm gains and scalars do not. The fused kernel on CUDA and on CPU
+    (one pass per parameter; on 2 CPU cores it stepped the 15.5M-parameter MoE of
+    bench/train_throughput.py in 11 ms against the foreach path's 37)."""
     t = trial.train
     params = list(model.parameters())
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type in ("cuda", "cpu"))
 
 
 def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
