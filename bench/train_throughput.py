@@ -18,7 +18,10 @@ In eager mode a `layers` line per MoE point follows: its MoE FFN and the dense S
 (forward and backward, alternating, `bench/moe_layer.py`'s way) at the trainer's own shape (one
 micro-batch of tokens), and the ratio the trainer would reach if the MoE layers' extra time were
 the only difference (dense step + layers x micro-batches x extra): where it matches the measured
-ratio, nothing outside the MoE layers costs the MoE anything.
+ratio, nothing outside the MoE layers costs the MoE anything. On CPU the line adds the streamed
+path's expert GEMMs alone (`bench/moe_layer.py`'s `floor-c`: the six GEMMs chunk by chunk, in
+cache, nothing else) and the ratio a MoE layer costing only those would give: a bound no removal
+of overhead (router, gather, SwiGLU, combine) can pass.
 Goals: CPU MoE at 0.85x of dense or better; the GPU numbers to beat are in shared/gpu/README.md.
 """
 
@@ -216,17 +219,26 @@ def layers_line(args: argparse.Namespace, g: str, n: int, name: str, medians: di
     x = torch.randn(tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     moe = ml.moe_layer(args.d_model, args.d_ff, g, n, args.backend, device, dtype, args.router_dtype)
-    times, errors = ml.time_cases({"dense": ml.layer_step(dense, x, grad), "moe": ml.layer_step(moe, x, grad)},
-                                  device, 5, 1)
+    cases = {"dense": ml.layer_step(dense, x, grad), "moe": ml.layer_step(moe, x, grad)}
+    if device.type == "cpu":  # the streamed path's own GEMMs, in cache: what no overhead removal goes below
+        cases["floor"] = ml.cached_floor_step(tokens, args.d_model, args.d_ff, g, n, ml.CHUNK_BYTES)
+    times, errors = ml.time_cases(cases, device, 5, 1)
     if errors:
         return f"layers   {name}  ERROR {errors}"
-    t_dense, t_moe = statistics.median(times["dense"]), statistics.median(times["moe"])
+    t = {case: statistics.median(v) for case, v in times.items()}
     micro = args.batch_tokens // tokens  # micro-batches per step (one worker)
     dense_step = args.batch_tokens / medians["dense"]
-    predicted = dense_step / (dense_step + args.layers * micro * (t_moe - t_dense) / 1e3)
+
+    def predict(t_layer: float) -> float:  # the trainer's ratio if a MoE layer cost t_layer
+        return dense_step / (dense_step + args.layers * micro * (t_layer - t["dense"]) / 1e3)
+
     measured = f", measured {medians[name] / medians['dense']:.2f}x" if name in medians else ""
-    return (f"layers   {name}  T={tokens}: dense FFN {t_dense:.1f} ms, MoE FFN {t_moe:.1f} ms "
-            f"({t_moe / t_dense:.2f}x); the MoE layers alone predict {predicted:.2f}x{measured}")
+    floor = ""
+    if "floor" in t:
+        floor = (f"; its expert GEMMs alone {t['floor']:.1f} ms (no gather, SwiGLU, combine or router), "
+                 f"so at most {predict(t['floor']):.2f}x with no overhead at all")
+    return (f"layers   {name}  T={tokens}: dense FFN {t['dense']:.1f} ms, MoE FFN {t['moe']:.1f} ms "
+            f"({t['moe'] / t['dense']:.2f}x); the MoE layers alone predict {predict(t['moe']):.2f}x{measured}{floor}")
 
 
 if __name__ == "__main__":
